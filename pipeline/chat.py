@@ -1,0 +1,136 @@
+"""Chat templates and tokenizers: the one place a conversation becomes token ids.
+
+Training, evaluation, export and serving all render conversations through `render_ids` with the tokenizer
+saved in the data artifact, so the ids the model is trained on are the ids it is served with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+BUILTIN_TEMPLATES = {"chatml": TEMPLATES_DIR / "chatml.jinja"}
+EOS_TOKEN = "<|endoftext|>"
+CHATML_SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+GENERATION_MARKER = "{% generation %}"
+
+# A conversation used to find the end-of-turn token: the last token a template marks as assistant output.
+_PROBE = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+
+
+def resolve_chat_template(spec: str | None) -> str | None:
+    """A builtin name or a .jinja path to template text; None keeps the tokenizer's own template."""
+    if spec is None:
+        return None
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec].read_text(encoding="utf-8")
+    path = Path(spec)
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise ConfigError(
+        f"model.chat_template '{spec}' is neither a shipped template ({', '.join(BUILTIN_TEMPLATES)}) nor an "
+        f"existing .jinja file."
+    )
+
+
+def clean_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop the null fields Arrow adds to every message (a template testing `'tool_calls' in m` must not see them)."""
+    return [{k: v for k, v in message.items() if v is not None} for message in messages]
+
+
+def parse_tools(tools: str | None) -> list[dict[str, Any]] | None:
+    return json.loads(tools) if tools else None
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, chat_template: str) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on `texts`, digits split one per token, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    # Single digits keep numbers compositional, which a tiny model needs to learn arithmetic-like rules.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=None, unk_token=None
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_tokenizer(source: str | Path, chat_template: str | None = None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (folder or Hub id); a given template replaces its own. A missing pad token becomes EOS."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+    except OSError as error:
+        raise PipelineError(
+            f"could not load the tokenizer '{source}': {error}. Offline, a Hub id works only if it is in the local "
+            f"cache; otherwise point model.tokenizer / model.name_or_path at a local folder."
+        ) from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise ConfigError(
+            f"the tokenizer '{source}' has no chat template; set model.chat_template (e.g. chatml)."
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def render_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    add_generation_prompt: bool = False,
+    with_assistant_mask: bool = False,
+) -> dict[str, list[int]]:
+    """Token ids of a conversation (and the assistant-token mask if asked), exactly as training sees them."""
+    encoded = tokenizer.apply_chat_template(
+        clean_messages(messages),
+        tools=tools,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=with_assistant_mask,
+    )
+    out = {"input_ids": list(encoded["input_ids"])}
+    if with_assistant_mask:
+        out["assistant_masks"] = list(encoded["assistant_masks"])
+    return out
+
+
+def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that closes an assistant turn: the last one the template marks as assistant output.
+
+    Raises if the template has no generation markers, since then no assistant-only loss is possible.
+    """
+    if GENERATION_MARKER.replace(" ", "") not in (tokenizer.chat_template or "").replace(" ", "").replace("-", ""):
+        raise ConfigError(
+            "the chat template has no {% generation %} markers, so assistant-only loss cannot find the assistant "
+            "tokens. Set model.chat_template: chatml (or a .jinja template with generation markers)."
+        )
+    encoded = render_ids(tokenizer, _PROBE, with_assistant_mask=True)
+    masked = [tok for tok, keep in zip(encoded["input_ids"], encoded["assistant_masks"]) if keep]
+    if not masked:
+        raise ConfigError("the chat template's generation markers enclose no tokens of the assistant turn.")
+    return masked[-1]

@@ -1,0 +1,43 @@
+"""The command-line shape every stage shares: `--config`, `--force`, dotted overrides, clean user errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import PipelineError
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Overrides are dotted KEY=VALUE pairs applied over the recipe, e.g. sft.learning_rate=1e-4 "
+        "data.sources.0.weight=2. Values are parsed as YAML.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"recipe YAML (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--force", action="store_true", help="run even if the artifact is up to date")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    return parser
+
+
+def report_user_error(error: PipelineError) -> None:
+    message = " ".join(str(error).split())
+    print("\n".join(textwrap.wrap(f"error: {message}", width=110)), file=sys.stderr)
+
+
+def run_cli(entry: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a stage entry point; a PipelineError becomes a readable message and exit code 2."""
+    try:
+        entry(argv)
+    except PipelineError as error:
+        report_user_error(error)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,127 @@
+"""Recipe strictness: shipped recipes parse; unknown keys, wrong types and contradictions fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_recipe
+from pipeline.errors import ConfigError
+
+from conftest import REPO, write_recipe
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(recipe: Path) -> None:
+    parsed = load_recipe(recipe)
+    assert parsed.data.sources, "a recipe without data cannot run"
+    assert parsed.sft.trainer, "training settings reach TRL"
+
+
+def test_tiny_is_the_default_and_builds_a_model_offline() -> None:
+    recipe = load_recipe("configs/tiny.yaml")
+    assert recipe.model.init is not None and recipe.model.train_tokenizer_vocab_size
+    assert recipe.model.chat_template == "chatml"
+
+
+def _recipe(tmp_path: Path, **sections: dict) -> Path:
+    return write_recipe(tmp_path, [{"path": "data/sft.jsonl"}], **sections)
+
+
+def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, sft={"learnig_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"unknown key 'sft\.learnig_rate'\. Did you mean 'learning_rate'\?"):
+        load_recipe(path)
+
+
+def test_unknown_key_in_pipeline_section(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, data={"eval_fration": 0.1})
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.eval_fration'\. Did you mean 'eval_fraction'"):
+        load_recipe(path)
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, trainer={"x": 1})
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_the_expected_type(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, data={"max_length": "long"})
+    with pytest.raises(ConfigError, match=r"data\.max_length: expected int, got 'long'"):
+        load_recipe(path)
+
+
+def test_literal_choices_are_listed(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, sft={"method": "lora8"})
+    with pytest.raises(ConfigError, match=r"sft\.method: expected one of 'full', 'lora', 'qlora', 'dora'"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}}, "give exactly one of 'name_or_path'"),
+        ({"data": {"eval_fraction": 1.5}}, r"data\.eval_fraction must lie strictly between 0 and 1"),
+        ({"sft": {"gradient_accumulation_steps": 4}}, r"derived from sft\.global_batch_size"),
+        ({"sft": {"global_batch_size": 10, "per_device_train_batch_size": 4}}, "does not divide"),
+        ({"sft": {"output_dir": "x"}}, r"sft\.output_dir is set by the pipeline"),
+        ({"data": {"sources": [{"path": "a.jsonl", "hub": "b/c"}]}}, r"data\.sources\.0: give exactly one of 'path'"),
+        ({"data": {"sources": [{"path": "a.jsonl", "weight": 0}]}}, r"data\.sources\.0\.weight must be positive"),
+    ],
+)
+def test_contradictory_settings_fail_before_work(tmp_path: Path, sections: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_recipe(tmp_path, **sections))
+
+
+def test_trained_tokenizer_with_pretrained_model_is_refused(tmp_path: Path) -> None:
+    path = _recipe(tmp_path)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"] = {"name_or_path": "some/model", "train_tokenizer_vocab_size": 500, "chat_template": "chatml"}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="would not match its embeddings"):
+        load_recipe(path)
+
+
+def test_precedence_defaults_then_yaml_then_command_line(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, sft={"learning_rate": 1e-3})
+    recipe = load_recipe(path, ["sft.learning_rate=5e-4", "data.sources.0.weight=2", "evaluate.max_new_tokens=7"])
+    assert recipe.sft.trainer["learning_rate"] == 5e-4  # CLI beats YAML
+    assert recipe.data.sources[0].weight == 2.0
+    assert recipe.evaluate.max_new_tokens == 7
+    assert recipe.data.on_error == "fail"  # untouched default
+    assert isinstance(load_recipe(path, ["sft.weight_decay=1e-2"]).sft.trainer["weight_decay"], float)
+    assert load_recipe(path).sft.trainer["learning_rate"] == 1e-3  # YAML beats default
+
+
+def test_override_errors(tmp_path: Path) -> None:
+    path = _recipe(tmp_path)
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        load_recipe(path, ["sft.learning_rate"])
+    with pytest.raises(ConfigError, match=r"is not an index of a list of 1"):
+        load_recipe(path, ["data.sources.3.weight=2"])
+    with pytest.raises(ConfigError, match=r"unknown key 'sft\.lerning_rate'"):
+        load_recipe(path, ["sft.lerning_rate=1"])
+
+
+def test_missing_recipe_lists_shipped_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"recipe nope\.yaml does not exist\. Shipped recipes: .*configs/tiny\.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: x\n  seed: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
+        load_recipe(path)
+
+
+def test_resolved_config_round_trips_flat_trainer_keys(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, sft={"learning_rate": 1e-3}))
+    resolved = recipe.to_dict()
+    assert resolved["sft"]["learning_rate"] == 1e-3 and "trainer" not in resolved["sft"]
+    assert recipe.section_hash("data") == load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("data")
+    assert recipe.section_hash("sft") != load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("sft")
