@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m pipeline.data --config $(CONFIG)
 	$(PY) -m pipeline.base --config $(CONFIG)
+	$(PY) -m pipeline.sft --config $(CONFIG)
+	$(PY) -m pipeline.dpo --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest -q

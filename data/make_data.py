@@ -1,8 +1,9 @@
 """Generate the shipped default data: small instruction tasks with exactly checkable answers.
 
-Every task is a rule a tiny model can learn in a few CPU minutes (compare, parity, successor, reorder,
-pick, count), so exact match on held-out prompts measures learning, not memorisation. Preference pairs
-set the correct answer against a plausible wrong one (off by one, the other operand, a near-miss order).
+Every task is one a model of a million parameters learns in a few CPU minutes: word categories and
+opposites (facts seen under other phrasings in training), parity, comparing digits, counting words. Held-out
+prompts are new phrasings or new numbers, so exact match measures learning. Preference pairs set the correct
+answer against a plausible wrong one (another category, the word itself, the other parity, off by one).
 
 Deterministic: the same seed writes byte-identical files. Run `python data/make_data.py` to regenerate.
 """
@@ -14,13 +15,23 @@ import json
 import random
 from pathlib import Path
 
-WORDS = (
-    "apple river stone cloud tiger lemon piano forest candle rocket garden silver mirror window "
-    "planet orange pencil island thunder yellow basket dragon marble summer winter castle bottle "
-    "jacket violet copper meadow falcon harbor lantern pepper rabbit saddle tunnel velvet wagon "
-    "anchor bridge cactus desert engine feather glacier helmet insect jungle kettle ladder magnet "
-    "needle oyster parrot quartz ribbon spider turtle"
-).split()
+CATEGORIES = {
+    "animal": "tiger falcon rabbit turtle parrot spider dragon oyster beetle donkey".split(),
+    "color": "yellow violet orange silver copper crimson indigo maroon scarlet amber".split(),
+    "fruit": "apple lemon cherry mango banana grape melon papaya plum peach".split(),
+    "tool": "hammer wrench ladder needle magnet kettle shovel chisel pliers anchor".split(),
+    "place": "castle island harbor desert meadow forest tunnel garden bridge jungle".split(),
+}
+WORDS = [word for words in CATEGORIES.values() for word in words]
+CATEGORY_OF = {word: category for category, words in CATEGORIES.items() for word in words}
+OPPOSITES = dict(
+    pair.split(":")
+    for pair in (
+        "hot:cold big:small fast:slow light:dark early:late happy:sad open:closed full:empty high:low hard:soft "
+        "wet:dry loud:quiet rich:poor strong:weak young:old clean:dirty thick:thin sharp:dull near:far up:down"
+    ).split()
+)
+OPPOSITES.update({b: a for a, b in list(OPPOSITES.items())})
 
 SYSTEM_PROMPTS = (
     "You are a precise assistant. Answer with the result only.",
@@ -29,91 +40,75 @@ SYSTEM_PROMPTS = (
 
 
 def _word_list(rng: random.Random) -> list[str]:
-    return rng.sample(WORDS, rng.randint(3, 5))
+    return rng.sample(WORDS, rng.randint(2, 6))
 
 
-def task_larger(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.sample(range(10, 1000), 2)
+def task_category(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(WORDS)
     prompt = rng.choice(
-        ["Which number is larger: {a} or {b}?", "Which is bigger, {a} or {b}?", "Pick the larger number: {a}, {b}."]
-    ).format(a=a, b=b)
-    return prompt, str(max(a, b)), str(min(a, b))
+        ["What kind of thing is {w}?", "Is {w} an animal, a color, a fruit, a tool or a place?", "Classify the word {w}."]
+    ).format(w=word)
+    answer = CATEGORY_OF[word]
+    return prompt, answer, rng.choice([c for c in CATEGORIES if c != answer])
+
+
+def task_opposite(rng: random.Random) -> tuple[str, str, str]:
+    word = rng.choice(sorted(OPPOSITES))
+    prompt = rng.choice(["What is the opposite of {w}?", "Give the antonym of {w}.", "Opposite of {w}?"]).format(w=word)
+    return prompt, OPPOSITES[word], word
 
 
 def task_parity(rng: random.Random) -> tuple[str, str, str]:
     n = rng.randrange(10000)
-    prompt = rng.choice(["Is {n} even or odd?", "Tell me whether {n} is odd or even."]).format(n=n)
+    prompt = rng.choice(["Is {n} even or odd?", "Tell me whether {n} is odd or even.", "Parity of {n}?"]).format(n=n)
     answer, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
     return prompt, answer, wrong
 
 
-def task_successor(rng: random.Random) -> tuple[str, str, str]:
-    n = rng.randrange(10000)
-    prompt = rng.choice(["What number comes after {n}?", "What is {n} plus one?"]).format(n=n)
-    wrong = rng.choice([n - 1, n + 2, n])
-    return prompt, str(n + 1), str(wrong)
-
-
-def task_reverse(rng: random.Random) -> tuple[str, str, str]:
-    words = _word_list(rng)
-    prompt = rng.choice(["Reverse the order of these words: {w}", "Write these words backwards: {w}"]).format(
-        w=" ".join(words)
-    )
-    near_miss = words[::-1]
-    i = rng.randrange(len(near_miss) - 1)
-    near_miss[i], near_miss[i + 1] = near_miss[i + 1], near_miss[i]
-    return prompt, " ".join(words[::-1]), " ".join(near_miss)
-
-
-def task_sort(rng: random.Random) -> tuple[str, str, str]:
-    digits = [rng.randrange(10) for _ in range(rng.randint(4, 6))]
-    while len(set(digits)) < 2:
-        digits = [rng.randrange(10) for _ in range(rng.randint(4, 6))]
-    prompt = rng.choice(["Sort these digits in ascending order: {d}", "Put these digits in order: {d}"]).format(
-        d=" ".join(map(str, digits))
-    )
-    ordered = sorted(digits)
-    near_miss = list(ordered)
-    i = next(i for i in range(len(near_miss) - 1) if near_miss[i] != near_miss[i + 1])
-    near_miss[i], near_miss[i + 1] = near_miss[i + 1], near_miss[i]
-    return prompt, " ".join(map(str, ordered)), " ".join(map(str, near_miss))
-
-
-def task_last_word(rng: random.Random) -> tuple[str, str, str]:
-    words = _word_list(rng)
-    prompt = rng.choice(["What is the last word in: {w}?", "Name the final word of: {w}"]).format(w=" ".join(words))
-    return prompt, words[-1], words[0]
+def task_compare(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.sample(range(10), 2)
+    prompt = rng.choice(["Is {a} greater than {b}?", "Is {a} bigger than {b}?", "{a} > {b}, true?"]).format(a=a, b=b)
+    answer, wrong = ("yes", "no") if a > b else ("no", "yes")
+    return prompt, answer, wrong
 
 
 def task_count(rng: random.Random) -> tuple[str, str, str]:
     words = _word_list(rng)
-    prompt = rng.choice(["How many words are in this list: {w}", "Count the words: {w}"]).format(w=" ".join(words))
+    prompt = rng.choice(["How many words are in this list: {w}", "Count the words: {w}", "Number of words in: {w}"]).format(
+        w=" ".join(words)
+    )
     return prompt, str(len(words)), str(len(words) + rng.choice([-1, 1]))
 
 
-TASKS = (task_larger, task_parity, task_successor, task_reverse, task_sort, task_last_word, task_count)
+TASKS = (task_category, task_opposite, task_parity, task_compare, task_count)
 
 
-def sft_rows(rng: random.Random, count: int) -> list[dict]:
-    rows = []
-    for _ in range(count):
-        messages = []
-        if rng.random() < 0.3:
-            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        # Some two-turn conversations, so every assistant turn (not only the last) is trained.
-        for _ in range(2 if rng.random() < 0.15 else 1):
-            prompt, answer, _ = rng.choice(TASKS)(rng)
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        rows.append({"messages": messages})
+def _unique(make_row, rng: random.Random, count: int) -> list[dict]:
+    """`count` distinct rows: the fact tasks have few distinct prompts, so repeats are redrawn, not shipped."""
+    rows, seen = [], set()
+    while len(rows) < count:
+        row = make_row(rng)
+        key = json.dumps(row, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
     return rows
 
 
-def preference_rows(rng: random.Random, count: int) -> list[dict]:
-    rows = []
-    for _ in range(count):
-        prompt, answer, wrong = rng.choice(TASKS)(rng)
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
-    return rows
+def sft_row(rng: random.Random) -> dict:
+    messages = []
+    if rng.random() < 0.2:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    # Some two-turn conversations, so every assistant turn (not only the last) is trained.
+    for _ in range(2 if rng.random() < 0.15 else 1):
+        prompt, answer, _ = rng.choice(TASKS)(rng)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def preference_row(rng: random.Random) -> dict:
+    prompt, answer, wrong = rng.choice(TASKS)(rng)
+    return {"prompt": prompt, "chosen": answer, "rejected": wrong}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -125,11 +120,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--sft-rows", type=int, default=6000)
-    parser.add_argument("--preference-rows", type=int, default=1500)
+    parser.add_argument("--preference-rows", type=int, default=3000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "sft.jsonl", sft_rows(random.Random(args.seed), args.sft_rows))
-    write_jsonl(args.out / "preference.jsonl", preference_rows(random.Random(args.seed + 1), args.preference_rows))
+    write_jsonl(args.out / "sft.jsonl", _unique(sft_row, random.Random(args.seed), args.sft_rows))
+    write_jsonl(args.out / "preference.jsonl", _unique(preference_row, random.Random(args.seed + 1), args.preference_rows))
     print(f"wrote {args.sft_rows} SFT rows and {args.preference_rows} preference pairs to {args.out}")
 
 

@@ -32,7 +32,10 @@ SFT_DATA_DIR = "sft"  # DatasetDict with train/eval splits of chat `messages`, t
 PREFERENCE_DATA_DIR = "preference"  # DatasetDict with train/eval splits of prompt/chosen/rejected
 MODEL_DIR = "model"
 LOG_HISTORY = "log_history.json"
+TRAINING_ARGS = "training_args.json"
 LOSS_PLOT = "loss.png"
+REWARDS_PLOT = "rewards.png"
+DPO_BASE_DIR = "base_model"  # the SFT model a DPO adapter was trained on, merged to full precision
 
 # Stage names, in pipeline order, and the command that produces each one's artifact.
 STAGE_COMMANDS = {
@@ -43,6 +46,18 @@ STAGE_COMMANDS = {
     "eval": "python -m pipeline.evaluate",
     "export": "python -m pipeline.export",
 }
+
+# The recipe keys each stage's artifact depends on: changing any other key leaves that artifact up to date.
+STAGE_CONFIG_SECTIONS = {
+    "data": (
+        "run.seed", "data", "model.name_or_path", "model.tokenizer", "model.train_tokenizer_vocab_size",
+        "model.chat_template", "model.revision",
+    ),
+    "base": ("run.seed", "model.init", "model.dtype"),
+    "sft": ("run.seed", "model", "sft", "data.max_length"),
+    "dpo": ("run.seed", "model", "sft.method", "dpo", "data.max_length"),
+    "eval": ("evaluate", "model.dtype"),
+}  # fmt: skip
 
 TRACKED_PACKAGES = (
     "torch", "transformers", "tokenizers", "datasets", "trl", "peft", "accelerate", "bitsandbytes",
@@ -108,16 +123,26 @@ def manifest_is_complete(folder: Path) -> bool:
     return True
 
 
-def require_stage(run_dir: Path, stage: str, needed_by: str) -> Path:
-    """The folder of a complete upstream artifact, or an error naming the command to run first."""
+def require_stage(run_dir: Path, stage: str, needed_by: str, recipe: Any = None) -> Path:
+    """The folder of a complete upstream artifact, or an error naming the command to run first.
+
+    With a recipe, the artifact must also have been made with the recipe's current settings for that stage.
+    """
     folder = stage_dir(run_dir, stage)
-    if manifest_is_complete(folder):
-        return folder
-    state = "is incomplete (its manifest is missing or does not list every file)" if folder.exists() else "does not exist"
-    raise MissingArtifactError(
-        f"the {needed_by} stage needs the '{stage}' artifact, but {folder} {state}. "
-        f"Run `{STAGE_COMMANDS[stage]} --config <recipe>` first."
-    )
+    command = f"`{STAGE_COMMANDS[stage]} --config {getattr(recipe, 'source_path', '<recipe>')}`"
+    if not manifest_is_complete(folder):
+        state = "is incomplete (its manifest is missing or does not list every file)" if folder.exists() else "does not exist"
+        raise MissingArtifactError(
+            f"the {needed_by} stage needs the '{stage}' artifact, but {folder} {state}. Run {command} first."
+        )
+    if recipe is not None:
+        recorded = (read_manifest(folder) or {}).get("config_hash")
+        if recorded != recipe.section_hash(*STAGE_CONFIG_SECTIONS[stage]):
+            raise MissingArtifactError(
+                f"the '{stage}' artifact in {folder} was made with other settings than the recipe now has (one of "
+                f"{', '.join(STAGE_CONFIG_SECTIONS[stage])} changed). Run {command} first."
+            )
+    return folder
 
 
 def input_record(path: Path) -> dict[str, Any]:
@@ -168,6 +193,10 @@ class StageRun:
     @property
     def work_dir(self) -> Path:
         return self.run_dir / f"{self.stage}{PARTIAL_SUFFIX}"
+
+    @classmethod
+    def for_recipe(cls, stage: str, recipe: Any) -> StageRun:
+        return cls(stage, recipe.run_dir, recipe.to_dict(), recipe.section_hash(*STAGE_CONFIG_SECTIONS[stage]))
 
     def add_input(self, name: str, path: Path) -> None:
         self.inputs[name] = input_record(path)

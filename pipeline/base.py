@@ -19,7 +19,6 @@ from pipeline.config import Recipe, load_recipe
 from pipeline.errors import ConfigError
 
 STAGE = "base"
-CONFIG_SECTIONS = ("run.seed", "model.init", "model.dtype")
 
 
 def run(recipe: Recipe, *, force: bool = False) -> Path:
@@ -28,8 +27,8 @@ def run(recipe: Recipe, *, force: bool = False) -> Path:
             f"model.name_or_path is {recipe.model.name_or_path!r}: a pretrained model needs no base stage. Run the SFT "
             f"stage next (`accelerate launch pipeline/sft.py --config {recipe.source_path}`)."
         )
-    data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE)
-    stage = artifacts.StageRun(STAGE, recipe.run_dir, recipe.to_dict(), recipe.section_hash(*CONFIG_SECTIONS))
+    data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE, recipe)
+    stage = artifacts.StageRun.for_recipe(STAGE, recipe)
     stage.add_input("data", data_dir)
     if not force and stage.up_to_date():
         print(f"base: up to date ({stage.final_dir}); use --force to rebuild.")

@@ -19,7 +19,6 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 BUILTIN_TEMPLATES = {"chatml": TEMPLATES_DIR / "chatml.jinja"}
 EOS_TOKEN = "<|endoftext|>"
 CHATML_SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
-GENERATION_MARKER = "{% generation %}"
 
 # A conversation used to find the end-of-turn token: the last token a template marks as assistant output.
 _PROBE = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
@@ -88,12 +87,37 @@ def load_tokenizer(source: str | Path, chat_template: str | None = None, **kwarg
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:
-        raise ConfigError(
-            f"the tokenizer '{source}' has no chat template; set model.chat_template (e.g. chatml)."
-        )
+        raise ConfigError(f"the tokenizer '{source}' has no chat template; set model.chat_template (e.g. chatml).")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def ensure_training_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a template whose generation markers cover each assistant turn and its end-of-turn token.
+
+    A template without markers is swapped for TRL's training variant of the same template (which renders the
+    same text, so serving with it changes nothing); templates TRL does not know are refused.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers, is_chat_template_stop_token_trained
+
+    if not has_generation_markers(tokenizer.chat_template):
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except ValueError:
+            patched = None
+        if patched is None:
+            raise ConfigError(
+                "the chat template has no {% generation %} markers and TRL has no training variant of it, so "
+                "assistant-only loss cannot find the assistant tokens. Set model.chat_template: chatml (or a .jinja "
+                "template with generation markers)."
+            )
+        tokenizer.chat_template = patched
+    if not is_chat_template_stop_token_trained(tokenizer):
+        raise ConfigError(
+            "the chat template's generation markers leave out the assistant's end-of-turn token, so the model would "
+            "never learn to stop. Move the end-of-turn token inside {% generation %}...{% endgeneration %}."
+        )
 
 
 def render_ids(
@@ -120,15 +144,7 @@ def render_ids(
 
 
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token that closes an assistant turn: the last one the template marks as assistant output.
-
-    Raises if the template has no generation markers, since then no assistant-only loss is possible.
-    """
-    if GENERATION_MARKER.replace(" ", "") not in (tokenizer.chat_template or "").replace(" ", "").replace("-", ""):
-        raise ConfigError(
-            "the chat template has no {% generation %} markers, so assistant-only loss cannot find the assistant "
-            "tokens. Set model.chat_template: chatml (or a .jinja template with generation markers)."
-        )
+    """The token that closes an assistant turn: the last one the training template marks as assistant output."""
     encoded = render_ids(tokenizer, _PROBE, with_assistant_mask=True)
     masked = [tok for tok, keep in zip(encoded["input_ids"], encoded["assistant_masks"]) if keep]
     if not masked:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -10,6 +11,10 @@ from collections.abc import Callable, Sequence
 from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
+
+# bitsandbytes warns on every import that an optional CPU kernel package (fetched from the Hub) is absent;
+# its built-in CPU path is what runs here, so the warning says nothing a user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -25,9 +30,21 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def training_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = stage_parser(prog, description)
+    parser.add_argument(
+        "--allow-drift", action="store_true", help="resume an interrupted run even though the recipe or data changed"
+    )
+    parser.add_argument("--fresh", action="store_true", help="discard an interrupted run's checkpoints and start over")
+    return parser
+
+
 def report_user_error(error: PipelineError) -> None:
-    message = " ".join(str(error).split())
-    print("\n".join(textwrap.wrap(f"error: {message}", width=110)), file=sys.stderr)
+    """The first paragraph wrapped; anything after a blank line (a table, say) printed as it is."""
+    head, _, rest = str(error).partition("\n")
+    print("\n".join(textwrap.wrap(f"error: {' '.join(head.split())}", width=110)), file=sys.stderr)
+    if rest:
+        print(rest, file=sys.stderr)
 
 
 def run_cli(entry: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

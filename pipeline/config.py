@@ -217,7 +217,26 @@ class EvaluateConfig:
     max_new_tokens: int = 32
     batch_size: int = 64
     max_examples: int | None = None  # evaluate on the first N held-out examples only
-    gates: dict[str, float] = field(default_factory=dict)
+    gates: dict[str, float] = field(default_factory=dict)  # "dpo.exact_match": 0.6, "dpo-sft.exact_match": -0.02
+
+    def validate(self) -> None:
+        from pipeline.scoring import shipped_metrics
+
+        shipped = shipped_metrics()
+        for name in self.metrics:
+            if name not in shipped:
+                raise ConfigError(f"evaluate.metrics: '{name}' is not shipped; the shipped metrics are: {', '.join(shipped)}.")
+        models = ("base", "sft", "dpo", "export")
+        for key in self.gates:
+            subject, dot, metric = key.partition(".")
+            names = subject.split("-")
+            if not dot or not metric or len(names) > 2 or any(n not in models for n in names):
+                raise ConfigError(
+                    f"evaluate.gates: '{key}' is not MODEL.METRIC (minimum) or MODEL-MODEL.METRIC (minimum difference) "
+                    f"with models among {', '.join(models)}, e.g. dpo.exact_match or dpo-sft.exact_match."
+                )
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1.")
 
 
 @dataclass
@@ -253,6 +272,7 @@ class Recipe:
         self.model.validate()
         self.sft.validate("sft")
         self.dpo.validate("dpo")
+        self.evaluate.validate()
 
     @property
     def run_dir(self) -> Path:

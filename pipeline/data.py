@@ -24,11 +24,6 @@ from pipeline.config import Recipe, SourceConfig, load_recipe
 from pipeline.errors import DataError
 
 STAGE = "data"
-# What the data artifact depends on: changing anything else (say sft.learning_rate) leaves it up to date.
-CONFIG_SECTIONS = (
-    "run.seed", "data", "model.name_or_path", "model.tokenizer", "model.train_tokenizer_vocab_size",
-    "model.chat_template", "model.revision",
-)  # fmt: skip
 
 
 @dataclass
@@ -221,7 +216,7 @@ def _prepare_tokenizer(recipe: Recipe, train_rows: list[dict]) -> Any:
 
 def run(recipe: Recipe, *, force: bool = False) -> Path:
     """Run the data stage for a recipe; returns the artifact folder."""
-    stage = artifacts.StageRun(STAGE, recipe.run_dir, recipe.to_dict(), recipe.section_hash(*CONFIG_SECTIONS))
+    stage = artifacts.StageRun.for_recipe(STAGE, recipe)
     for index, source in enumerate(recipe.data.sources):
         stage.inputs[f"source{index}:{source.label}"] = _source_record(source)
     if not force and stage.up_to_date():
@@ -243,6 +238,8 @@ def run(recipe: Recipe, *, force: bool = False) -> Path:
     splits = {"sft": _split(sft_rows, recipe), "preference": _split(pref_rows, recipe)}
 
     tokenizer = _prepare_tokenizer(recipe, splits["sft"][0] + splits["preference"][0])
+    if sft_rows:
+        chat.ensure_training_template(tokenizer)
     end_of_turn = chat.end_of_turn_token_id(tokenizer) if sft_rows else None
     tokenizer.save_pretrained(work / artifacts.TOKENIZER_DIR)
 

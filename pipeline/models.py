@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
 
 def build_from_config(
@@ -48,3 +49,19 @@ def build_from_config(
 
 def parameter_count(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_merged(base_path: str | Path, adapter_dir: Path | None, dtype: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A trained model in full precision: the base reloaded unquantized, with the adapter (if any) merged in.
+
+    QLoRA adapters were trained against 4-bit weights, but merging into 4-bit weights would round the update
+    away, so the base is always reloaded in `dtype` first.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if adapter_dir is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

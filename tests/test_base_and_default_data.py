@@ -66,12 +66,12 @@ def test_base_is_seeded(base_artifact, tmp_path: Path) -> None:
     import dataclasses
 
     reseeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=recipe.run.seed + 1))
-    assert reseeded.section_hash(*base.CONFIG_SECTIONS) != recipe.section_hash(*base.CONFIG_SECTIONS)
+    assert reseeded.section_hash(*artifacts.STAGE_CONFIG_SECTIONS['base']) != recipe.section_hash(*artifacts.STAGE_CONFIG_SECTIONS['base'])
 
 
 def test_base_refuses_without_a_complete_data_artifact(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, [{"path": "data/sft.jsonl"}]))
-    with pytest.raises(MissingArtifactError, match=r"needs the 'data' artifact, but .* does not exist\. Run `python -m pipeline\.data --config <recipe>` first"):
+    with pytest.raises(MissingArtifactError, match=r"needs the 'data' artifact, but .* does not exist\. Run `python -m pipeline\.data --config .*recipe\.yaml` first"):
         base.run(recipe)
     (recipe.run_dir / "data").mkdir(parents=True)
     (recipe.run_dir / "data" / "manifest.json").write_text('{"status": "running"}')

@@ -1,0 +1,122 @@
+"""SFT throughput: the pipeline's SFT stage against a bare TRL SFTTrainer script, side by side.
+
+    python benchmarks/sft_throughput.py [--steps 200] [--repeats 2]
+
+Both train the same base model on the same tokenized rows of the default recipe with the same settings,
+alternating (pipeline, bare, pipeline, bare, ...) so machine noise hits both alike. Tokens/s is
+non-padding tokens seen divided by the wall time of `trainer.train()` in each. Also reports the padding
+fraction of the default data at the recipe's batch size, and real-token throughput with packing on and off.
+Exits 1 if the pipeline is slower than 0.95x bare TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+BARE_TRL = r"""
+import json, sys, time
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+run_dir, steps, batch, lr, max_length, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+tokenizer = AutoTokenizer.from_pretrained(f"{run_dir}/data/tokenizer")
+model = AutoModelForCausalLM.from_pretrained(f"{run_dir}/base")
+train = datasets.load_from_disk(f"{run_dir}/data/sft")["train"].select_columns(["messages", "input_ids", "assistant_masks"])
+args = SFTConfig(output_dir=f"{run_dir}/bare", max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                 lr_scheduler_type="cosine", warmup_steps=10, logging_steps=50, save_strategy="no", report_to="none",
+                 use_cpu=True, bf16=False, assistant_only_loss=True, max_length=max_length, seed=seed,
+                 include_num_input_tokens_seen="non_padding")
+trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+start = time.time()
+trainer.train()
+seconds = time.time() - start
+print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds}))
+"""
+
+
+def run_pipeline_sft(config: str, overrides: list[str]) -> dict:
+    subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", config, "--force", *overrides], cwd=REPO,
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    from pipeline import artifacts
+    from pipeline.config import load_recipe
+
+    recipe = load_recipe(config, overrides)
+    metrics = artifacts.read_manifest(recipe.run_dir / "sft")["metrics"]
+    return {"tokens": metrics["tokens_seen"], "seconds": metrics["train_seconds"]}
+
+
+def run_bare_trl(run_dir: Path, steps: int, batch: int, lr: float, max_length: int, seed: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", BARE_TRL, str(run_dir), str(steps), str(batch), str(lr), str(max_length), str(seed)],
+                            cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def padding_fraction(run_dir: Path, batch: int, seed: int) -> float:
+    """Share of padded positions when the shuffled training rows are batched and padded to each batch's longest."""
+    import random
+
+    import datasets
+
+    lengths = datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"]["length"]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1 - real / padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from pipeline import base, data
+    from pipeline.config import load_recipe
+
+    workdir = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    common = [f"run.output_dir={workdir}", f"sft.max_steps={args.steps}", "sft.save_steps=100000", "sft.method=full"]
+    recipe = load_recipe(args.config, common)
+    data.run(recipe)
+    base.run(recipe)
+    per_device = recipe.sft.global_batch_size
+    lr = recipe.sft.trainer.get("learning_rate", 2e-5)
+
+    pipeline_rates, bare_rates = [], []
+    for _ in range(args.repeats):
+        p = run_pipeline_sft(args.config, common)
+        b = run_bare_trl(recipe.run_dir, args.steps, per_device, lr, recipe.data.max_length, recipe.run.seed)
+        pipeline_rates.append(p["tokens"] / p["seconds"])
+        bare_rates.append(b["tokens"] / b["seconds"])
+    ratio = statistics.median(p / b for p, b in zip(pipeline_rates, bare_rates))
+
+    packed = run_pipeline_sft(args.config, common + ["sft.packing=true"])
+    unpacked = run_pipeline_sft(args.config, common + ["sft.packing=false"])
+    packing_gain = (packed["tokens"] / packed["seconds"]) / (unpacked["tokens"] / unpacked["seconds"])
+
+    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} alternating runs each")
+    print(f"  pipeline  tokens/s: {', '.join(f'{r:,.0f}' for r in pipeline_rates)}")
+    print(f"  bare TRL  tokens/s: {', '.join(f'{r:,.0f}' for r in bare_rates)}")
+    print(f"  ratio pipeline / bare TRL (median of pairs): {ratio:.3f}  (required >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
+    print(f"  padding fraction of the default data at batch {per_device}: {padding_fraction(recipe.run_dir, per_device, recipe.run.seed):.3f}")
+    print(f"  real tokens/s with packing: {packed['tokens'] / packed['seconds']:,.0f}, without: {unpacked['tokens'] / unpacked['seconds']:,.0f} "
+          f"(packing / no packing = {packing_gain:.2f}x; packed steps carry more real tokens each)")
+    sys.exit(0 if ratio >= 0.95 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""DPO stage: starts from the SFT artifact (merged in full precision), LoRA/QLoRA/full, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import artifacts, dpo, sft, training
+from pipeline.config import load_recipe
+from pipeline.errors import MissingArtifactError
+
+from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
+from test_sft import losses, no_pickles, prepare, wait_for
+
+
+def dpo_recipe(tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora", *, with_pairs: bool = True, **dpo_settings) -> Path:
+    sources = [{"path": str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(64)))}]
+    if with_pairs:
+        sources.append({"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(80)))})
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+    dpo_section = {"method": dpo_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 8,
+                   "logging_steps": 1, "save_steps": 100, "lora": lora, **dpo_settings}  # fmt: skip
+    return write_recipe(
+        tmp_path,
+        sources,
+        sft={"method": sft_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 6, "lora": lora},
+        dpo=dpo_section,
+    )
+
+
+def prepare_with_sft(path: Path, *overrides: str):
+    recipe = prepare(path, *overrides)
+    sft.run(recipe)
+    return recipe
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
+    recipe = prepare_with_sft(dpo_recipe(tmp_path))
+    out = dpo.run(recipe)
+    base_dir = out / artifacts.DPO_BASE_DIR
+    import torch
+
+    from pipeline import models
+
+    merged = weights(base_dir)
+    assert all(t.dtype == torch.float32 for t in merged.values())
+    reference = models.load_merged(recipe.run_dir / "base", recipe.run_dir / "sft" / artifacts.MODEL_DIR, "float32")
+    for name, tensor in reference.state_dict().items():
+        if name in merged:
+            assert torch.allclose(merged[name], tensor, atol=1e-6), name
+    assert (out / artifacts.MODEL_DIR / "adapter_model.safetensors").is_file()
+    assert (out / artifacts.REWARDS_PLOT).is_file() and (out / artifacts.LOSS_PLOT).is_file()
+    no_pickles(out)
+    manifest = json.loads((out / artifacts.MANIFEST).read_text())
+    assert manifest["model"] == {"base": artifacts.DPO_BASE_DIR, "base_inside_artifact": True, "adapter": True}
+    assert {"rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies"} <= set(manifest["metrics"])
+    assert set(manifest["inputs"]) == {"data", "sft"}
+    base, adapter = training.trained_model_location(out)
+    assert base == base_dir and adapter == out / artifacts.MODEL_DIR
+
+
+def test_qlora_dpo_trains_on_the_cpu_and_keeps_a_full_precision_base(tmp_path: Path) -> None:
+    recipe = prepare_with_sft(dpo_recipe(tmp_path, sft_method="qlora", dpo_method="qlora"))
+    out = dpo.run(recipe)
+    curve = losses(out)
+    assert len(curve) == 8 and all(loss == loss for loss in curve)  # every step logged, no NaN
+    merged = weights(out / artifacts.DPO_BASE_DIR)
+    assert not [name for name in merged if "absmax" in name or "quant" in name], "4-bit state leaked into the merge"
+
+
+def test_full_dpo_trains_every_weight_against_a_frozen_reference(tmp_path: Path) -> None:
+    recipe = prepare_with_sft(dpo_recipe(tmp_path, sft_method="full", dpo_method="full"))
+    out = dpo.run(recipe)
+    trained = weights(out / artifacts.MODEL_DIR)
+    start = weights(recipe.run_dir / "sft" / artifacts.MODEL_DIR)
+    assert any(not (trained[k] == start[k]).all() for k in start)
+    assert not (out / artifacts.DPO_BASE_DIR).exists()
+    assert training.trained_model_location(out) == (out / artifacts.MODEL_DIR, None)
+
+
+def test_dpo_sigterm_saves_and_a_rerun_resumes(tmp_path: Path) -> None:
+    path = dpo_recipe(tmp_path, max_steps=40, save_steps=5, logging_steps=5)
+    recipe = prepare_with_sft(path)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.dpo", "--config", str(path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(recipe.run_dir / "dpo.partial" / training.CHECKPOINTS_DIR, "checkpoint-10", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert not artifacts.manifest_is_complete(recipe.run_dir / "dpo")
+    out = dpo.run(load_recipe(path))
+    metrics = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
+    assert metrics["resumed_from"].startswith("checkpoint-") and metrics["optimizer_steps"] == 40
+
+
+def test_missing_preference_data_says_how_to_get_it(tmp_path: Path) -> None:
+    recipe = prepare_with_sft(dpo_recipe(tmp_path, with_pairs=False))
+    with pytest.raises(MissingArtifactError, match=r"has no preference pairs\. Add a source with prompt/chosen/rejected"):
+        dpo.run(recipe)
+
+
+def test_missing_sft_artifact_names_the_command(tmp_path: Path) -> None:
+    recipe = prepare(dpo_recipe(tmp_path))
+    with pytest.raises(MissingArtifactError, match=r"the dpo stage needs the 'sft' artifact.*accelerate launch pipeline/sft\.py"):
+        dpo.run(recipe)
