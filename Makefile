@@ -34,6 +34,9 @@ demo: install
 	$(PY) -m pipeline.base --config $(CONFIG)
 	$(PY) -m pipeline.sft --config $(CONFIG)
 	$(PY) -m pipeline.dpo --config $(CONFIG)
+	$(PY) -m pipeline.evaluate --config $(CONFIG)
+	$(PY) -m pipeline.export --config $(CONFIG)
+	$(PY) -m serving.demo --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest -q

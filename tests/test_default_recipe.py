@@ -8,57 +8,76 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, base, chat, data, dpo, engines, models, scoring, sft, training
+from pipeline import artifacts, base, data, dpo, evaluate, sft
 from pipeline.config import load_recipe
+
+from conftest import run_module
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """data -> base -> SFT -> DPO on configs/tiny.yaml, timed; artifacts under a temporary folder."""
+    """data -> base -> SFT -> DPO -> evaluate (HF backend) on configs/tiny.yaml, timed, under a temporary folder."""
     output = tmp_path_factory.mktemp("default")
-    recipe = load_recipe("configs/tiny.yaml", [f"run.output_dir={output}"])
+    overrides = [f"run.output_dir={output}", "evaluate.backend=hf"]
+    recipe = load_recipe("configs/tiny.yaml", overrides)
     seconds = {}
-    for name, stage in (("data", data), ("base", base), ("sft", sft), ("dpo", dpo)):
+    for name, stage in (("data", data), ("base", base), ("sft", sft), ("dpo", dpo), ("eval", evaluate)):
         started = time.time()
         stage.run(recipe)
         seconds[name] = time.time() - started
-    run_dir = recipe.run_dir
-    tokenizer = chat.load_tokenizer(run_dir / "data" / artifacts.TOKENIZER_DIR)
-    prompts, references, tools = engines.held_out_conversations(run_dir / "data")
-    ids = engines.prompt_ids(tokenizer, prompts, tools)
-    pairs = scoring.held_out_pairs(run_dir / "data")
-    figures = {}
-    for name in ("base", "sft", "dpo"):
-        folder = run_dir / name
-        location = (folder, None) if name == "base" else training.trained_model_location(folder)
-        model = models.load_merged(*location, "float32")
-        answers = engines.hf_generate(model, tokenizer, ids, recipe.evaluate.max_new_tokens)
-        figures[name] = {**scoring.compute_metric("exact_match", answers, references), **scoring.preference_scores(model, tokenizer, pairs)}
-    print("default recipe:", json.dumps({"seconds": seconds, "figures": figures}, indent=1))
-    return {"recipe": recipe, "seconds": seconds, "figures": figures}
+    metrics = json.loads((recipe.run_dir / "eval" / evaluate.METRICS_FILE).read_text())
+    print("default recipe:", json.dumps({"seconds": seconds, "models": metrics["models"]}, indent=1))
+    return {"recipe": recipe, "overrides": overrides, "seconds": seconds, "metrics": metrics}
 
 
 def test_sft_fits_the_time_budget_and_learns_the_tasks(default_run: dict) -> None:
-    figures = default_run["figures"]
+    models = default_run["metrics"]["models"]
     assert default_run["seconds"]["sft"] <= 300
-    assert figures["base"]["exact_match"] < 0.05
-    assert figures["sft"]["exact_match"] >= 0.6
+    assert models["base"]["exact_match"] < 0.05
+    assert models["sft"]["exact_match"] >= 0.6
 
 
 def test_dpo_fits_the_time_budget_and_improves_preferences_without_losing_answers(default_run: dict) -> None:
-    figures = default_run["figures"]
+    models = default_run["metrics"]["models"]
     assert default_run["seconds"]["dpo"] <= 180
-    assert figures["dpo"]["preference_accuracy"] > figures["sft"]["preference_accuracy"]
-    assert figures["dpo"]["exact_match"] >= figures["sft"]["exact_match"] - 0.02
+    assert models["dpo"]["preference_accuracy"] > models["sft"]["preference_accuracy"]
+    assert models["dpo"]["exact_match"] >= models["sft"]["exact_match"] - 0.02
+
+
+def test_evaluation_report_agrees_with_its_predictions(default_run: dict) -> None:
+    eval_dir = default_run["recipe"].run_dir / "eval"
+    assert default_run["seconds"]["eval"] <= 120
+    metrics = default_run["metrics"]
+    assert metrics["gates_passed"] and metrics["backend"] == "hf"
+    predictions = [json.loads(line) for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
+    assert len(predictions) == metrics["examples"]
+    recomputed = sum(p["answers"]["sft"] == p["reference"] for p in predictions) / len(predictions)
+    assert recomputed == pytest.approx(metrics["models"]["sft"]["exact_match"])
+    report = (eval_dir / evaluate.REPORT_FILE).read_text()
+    for plot in ("metrics.png", "sft_loss.png", "dpo_loss.png", "dpo_rewards.png"):
+        assert (eval_dir / plot).is_file() and f"]({plot})" in report
+    assert "| dpo |" in report and "## Gates" in report
 
 
 def test_default_artifacts_are_complete_and_a_rerun_skips_everything(default_run: dict, capsys: pytest.CaptureFixture) -> None:
-    recipe = default_run["recipe"]
-    for name in ("data", "base", "sft", "dpo"):
+    recipe = load_recipe("configs/tiny.yaml", default_run["overrides"])
+    for name in ("data", "base", "sft", "dpo", "eval"):
         assert artifacts.manifest_is_complete(recipe.run_dir / name), name
     capsys.readouterr()
     started = time.time()
-    for stage in (data, base, sft, dpo):
+    for stage in (data, base, sft, dpo, evaluate):
         stage.run(recipe)
-    assert capsys.readouterr().out.count("up to date") == 4
+    assert capsys.readouterr().out.count("up to date") == 5
     assert time.time() - started < 30
+
+
+def test_vllm_and_hf_give_the_same_greedy_answers(default_run: dict) -> None:
+    pytest.importorskip("vllm")
+    eval_dir = default_run["recipe"].run_dir / "eval"
+    hf = [json.loads(line)["answers"] for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
+    overrides = [o for o in default_run["overrides"] if not o.startswith("evaluate.backend")]
+    result = run_module("pipeline.evaluate", "--force", *overrides, "evaluate.backend=vllm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((eval_dir / evaluate.METRICS_FILE).read_text())["backend"] == "vllm"
+    vllm = [json.loads(line)["answers"] for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
+    assert vllm == hf

@@ -18,7 +18,10 @@ from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
 from test_sft import losses, no_pickles, prepare, wait_for
 
 
-def dpo_recipe(tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora", *, with_pairs: bool = True, **dpo_settings) -> Path:
+def dpo_recipe(
+    tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora", *, with_pairs: bool = True,
+    sections: dict | None = None, **dpo_settings,
+) -> Path:  # fmt: skip
     sources = [{"path": str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(64)))}]
     if with_pairs:
         sources.append({"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(80)))})
@@ -30,6 +33,7 @@ def dpo_recipe(tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora
         sources,
         sft={"method": sft_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 6, "lora": lora},
         dpo=dpo_section,
+        **(sections or {}),
     )
 
 

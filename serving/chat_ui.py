@@ -1,0 +1,66 @@
+"""A chat UI (gradio) for the served model, talking to the vLLM server through the official `openai` client.
+
+    python -m serving.chat_ui [--config configs/tiny.yaml] [--base-url http://127.0.0.1:8000/v1] [--ui-port 7860]
+
+Answers stream token by token. The model name and the server address default to the recipe's `serve`
+section; the API key to the environment variable it names. Needs the `ui` extra (gradio, openai).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+from pipeline.cli import DEFAULT_CONFIG, run_cli
+from pipeline.config import load_recipe
+from pipeline.errors import ConfigError
+
+
+def stream_reply(client, model: str, history: list[dict], message: str, max_tokens: int | None) -> Iterator[str]:  # noqa: ANN001
+    """The reply so far, after each streamed chunk (gradio redraws the message with every yield)."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": message}]
+    reply = ""
+    # Without max_tokens the server allows whatever the model length leaves after the prompt.
+    limit = {"max_tokens": max_tokens} if max_tokens else {}
+    for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0.0, stream=True, **limit):
+        if chunk.choices and chunk.choices[0].delta.content:
+            reply += chunk.choices[0].delta.content
+            yield reply
+
+
+def build_app(base_url: str, model: str, api_key: str | None, max_tokens: int | None):  # noqa: ANN201 - gradio Blocks
+    import gradio as gr
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=api_key or "none")
+
+    def respond(message: str, history: list[dict]) -> Iterator[str]:
+        yield from stream_reply(client, model, history, message, max_tokens)
+
+    return gr.ChatInterface(respond, title=f"Chat with {model}", description=f"served by vLLM at {base_url}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.chat_ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--base-url", help="the server's /v1 address (default: from serve.host and serve.port)")
+    parser.add_argument("--model", help="served model name (default: serve.served_model_name or run.name)")
+    parser.add_argument("--ui-host", default="127.0.0.1")
+    parser.add_argument("--ui-port", type=int, default=7860)
+    parser.add_argument("--max-tokens", type=int, help="cap on answer tokens (default: what the model length allows)")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.config)
+    missing = [name for name in ("gradio", "openai") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"the chat UI needs {', '.join(missing)}: install the `ui` extra (`pip install -e '.[ui]'`).")
+    base_url = args.base_url or f"http://{recipe.serve.host}:{recipe.serve.port}/v1"
+    model = args.model or recipe.serve.served_model_name or recipe.run.name
+    app = build_app(base_url, model, os.environ.get(recipe.serve.api_key_env), args.max_tokens)
+    app.launch(server_name=args.ui_host, server_port=args.ui_port)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

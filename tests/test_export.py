@@ -1,0 +1,123 @@
+"""Export stage: merged safetensors with stop tokens and serving.json, ONNX via onnxruntime-genai, checks, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import artifacts, dpo, export
+from pipeline.config import load_recipe
+from pipeline.errors import ConfigError, MissingArtifactError, PipelineError
+
+from conftest import run_module
+from test_dpo import dpo_recipe, prepare_with_sft
+from test_sft import no_pickles, prepare
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """SFT (QLoRA) -> DPO (LoRA) -> export to hf and onnx (fp32, int4) on a small model."""
+    tmp_path = tmp_path_factory.mktemp("export")
+    path = dpo_recipe(tmp_path, sft_method="qlora", sections={"export": {"adapter_only": True}})
+    recipe = prepare_with_sft(path)
+    dpo.run(recipe)
+    return export.run(recipe), recipe
+
+
+def test_hf_export_is_safetensors_with_every_stop_token_and_a_serving_file(exported) -> None:
+    out, recipe = exported
+    model_dir = out / artifacts.MODEL_DIR
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "chat_template.jinja").is_file()
+    no_pickles(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(stops) == sorted([tokenizer.eos_token_id, end_of_turn])
+    serving = json.loads((out / export.SERVING_FILE).read_text())
+    assert serving["max_model_len"] == recipe.data.max_length and serving["stop_token_ids"] == sorted(stops)
+    assert serving["served_model_name"] == recipe.run.name and (out / serving["chat_template"]).is_file()
+    assert serving["lora"]["path"] == export.ADAPTER_DIR and (out / export.ADAPTER_DIR / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Is 4 even or odd?"}], add_generation_prompt=True,
+                                        return_dict=True, return_tensors="pt")  # fmt: skip
+    output = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_the_stage_records_its_parity_checks(exported) -> None:
+    out, _ = exported
+    checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
+    assert checks["exported_from"] == "dpo"
+    assert checks["merge_max_abs_logit_diff"] <= export.MERGE_TOLERANCE
+    assert checks["template_parity"]["mismatches"] == 0 and checks["template_parity"]["end_of_turn_is_stop"]
+    fp32 = checks["onnx"]["fp32"]
+    assert fp32["agreement_rate"] == 1.0 and fp32["first_step_max_abs_logit_diff"] <= export.ONNX_LOGIT_TOLERANCE
+    assert 0.0 <= checks["onnx"]["int4"]["agreement_rate"] <= 1.0
+
+
+def test_a_qlora_trained_adapter_merges_into_full_precision_weights(exported) -> None:
+    out, _ = exported
+    from safetensors.torch import load_file
+    import torch
+
+    weights = load_file(str(out / artifacts.MODEL_DIR / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert not [k for k in weights if "absmax" in k or "quant_state" in k or "lora_" in k]
+
+
+def test_onnx_export_generates_with_onnxruntime_genai(exported) -> None:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    out, _ = exported
+    model = og.Model(str(out / export.ONNX_DIR / "fp32"))
+    tokenizer = og.Tokenizer(model)
+    prompt = tokenizer.encode("<|im_start|>user\nIs 4 even or odd?<|im_end|>\n<|im_start|>assistant\n")
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 8)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) > len(prompt)
+
+
+def test_export_with_no_trained_model(tmp_path: Path) -> None:
+    recipe = prepare(dpo_recipe(tmp_path))
+    with pytest.raises(MissingArtifactError, match=r"no trained model in .* to export .*Run `accelerate launch pipeline/sft\.py"):
+        export.run(recipe, targets=["hf"])
+
+
+def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = load_recipe(dpo_recipe(tmp_path))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs onnxruntime-genai.*install the `onnx` extra"):
+        export.run(recipe, targets=["onnx"])
+
+
+def test_unsupported_architecture_skips_onnx_and_still_exports_hf(tmp_path: Path) -> None:
+    gpt2 = {"init": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}}
+    path = dpo_recipe(tmp_path, sft_method="full", sections={"model": gpt2})
+    recipe = prepare_with_sft(path)
+    out = export.run(recipe, targets=["hf", "onnx"])
+    checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
+    assert checks["onnx"]["status"] == "unsupported" and "does not support this architecture" in checks["onnx"]["message"]
+    assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / export.ONNX_DIR).exists()
+
+
+def test_export_refuses_a_failed_gate_unless_forced(tmp_path: Path) -> None:
+    path = dpo_recipe(tmp_path, sft_method="full", sections={"evaluate": {"backend": "hf", "gates": {"sft.exact_match": 0.99}}})
+    prepare_with_sft(path)
+    assert run_module("pipeline.evaluate", "--config", str(path)).returncode == 2
+    refused = run_module("pipeline.export", "--config", str(path), "--target", "hf")
+    assert refused.returncode == 2 and "export refuses a model that failed its gates" in " ".join(refused.stderr.split())
+    forced = run_module("pipeline.export", "--config", str(path), "--target", "hf", "--force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
