@@ -30,12 +30,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(PY) -m pipeline.data --config $(CONFIG)
-	$(PY) -m pipeline.base --config $(CONFIG)
-	$(PY) -m pipeline.sft --config $(CONFIG)
-	$(PY) -m pipeline.dpo --config $(CONFIG)
-	$(PY) -m pipeline.evaluate --config $(CONFIG)
-	$(PY) -m pipeline.export --config $(CONFIG)
+	$(PY) -m pipeline.run --config $(CONFIG)
 	$(PY) -m serving.demo --config $(CONFIG)
 
 test: install

@@ -196,7 +196,8 @@ def run(recipe: Recipe, *, force: bool = False, targets: Sequence[str] | None = 
     final_dir = recipe.run_dir / final_name
     _check_gate(recipe, force)
     stage = artifacts.StageRun.for_recipe(STAGE, recipe)
-    stage.config_hash = f"{stage.config_hash}:{','.join(sorted(targets))}"
+    # --target can differ from export.targets: which targets were built is part of what the artifact is.
+    stage.inputs["targets"] = {"kind": "setting", "path": "targets", "sha256": ",".join(sorted(targets))}
     stage.add_input("data", data_dir)
     stage.add_input(final_name, final_dir)
     if not force and stage.up_to_date():
