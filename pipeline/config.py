@@ -47,7 +47,6 @@ _RecipeLoader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
-SFT_FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
 PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
 SourceFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "preference", "sharegpt_preference"]
 

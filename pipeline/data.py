@@ -222,8 +222,8 @@ def run(recipe: Recipe, *, force: bool = False) -> Path:
     if not force and stage.up_to_date():
         print(f"data: up to date ({stage.final_dir} matches these sources and settings); use --force to rerun.")
         return stage.final_dir
-    if not recipe.model.train_tokenizer_vocab_size:
-        _prepare_tokenizer(recipe, [])  # a pretrained tokenizer that cannot load fails before reading any data
+    # A pretrained tokenizer loads before any data is read, so a bad id fails early; a trained one needs the data.
+    pretrained = None if recipe.model.train_tokenizer_vocab_size else _prepare_tokenizer(recipe, [])
     work = stage.begin()
 
     import datasets
@@ -237,7 +237,7 @@ def run(recipe: Recipe, *, force: bool = False) -> Path:
     sft_rows, pref_rows = _dedupe(sft_rows, sft_tally), _dedupe(pref_rows, pref_tally)
     splits = {"sft": _split(sft_rows, recipe), "preference": _split(pref_rows, recipe)}
 
-    tokenizer = _prepare_tokenizer(recipe, splits["sft"][0] + splits["preference"][0])
+    tokenizer = pretrained if pretrained is not None else _prepare_tokenizer(recipe, splits["sft"][0] + splits["preference"][0])
     if sft_rows:
         chat.ensure_training_template(tokenizer)
     end_of_turn = chat.end_of_turn_token_id(tokenizer) if sft_rows else None

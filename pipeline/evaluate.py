@@ -134,7 +134,7 @@ def _report(recipe: Recipe, results: dict, backend: str, gates: list, plots: lis
 
 def run(recipe: Recipe, *, force: bool = False) -> Path:
     data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE, recipe)
-    found = {name: path for name, path in model_artifacts(recipe.run_dir).items()}
+    found = model_artifacts(recipe.run_dir)
     if not found:
         raise MissingArtifactError(
             f"no model artifacts in {recipe.run_dir} to evaluate. Run `accelerate launch pipeline/sft.py --config "

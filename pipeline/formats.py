@@ -17,7 +17,6 @@ from typing import Any
 from pipeline.config import PREFERENCE_FORMATS, SourceConfig
 from pipeline.errors import DataError
 
-ROLES = ("system", "user", "assistant", "tool")
 # OpenAI / HF role aliases, and ShareGPT's `from` tags (LLaMA-Factory's names included).
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
@@ -26,10 +25,6 @@ ROLE_ALIASES = {
     "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
 }  # fmt: skip
 SHAREGPT_TOOL_CALL_TAGS = ("function_call", "tool_call")
-DROP_REASONS = (
-    "malformed", "empty_turn", "unknown_role", "no_assistant_turn", "ends_without_assistant_turn",
-    "non_text_content", "chosen_equals_rejected", "duplicate", "too_long",
-)  # fmt: skip
 
 
 class Malformed(Exception):
@@ -37,7 +32,7 @@ class Malformed(Exception):
 
 
 class Drop(Exception):
-    """The row is well-formed but is not kept; `args[0]` is one of DROP_REASONS."""
+    """The row is well-formed but is not kept; `args[0]` names the reason (empty_turn, unknown_role, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -44,10 +44,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def plan_batch(section: TrainingSection, name: str, processes: int) -> BatchPlan:
     """Per-device batch and accumulation that give the recipe's global batch on any number of processes."""
     total = section.global_batch_size

@@ -237,3 +237,16 @@ def test_global_batch_is_the_same_for_any_process_count() -> None:
     assert [(p.per_device, p.accumulation) for p in plans] == [(4, 8), (4, 4), (4, 2), (4, 1)]
     with pytest.raises(ConfigError, match="cannot be split over 3 processes"):
         training.plan_batch(section, "sft", 3)
+
+
+def test_accelerate_launch_runs_the_stage_file(tmp_path: Path) -> None:
+    """The documented entry point: `accelerate launch pipeline/sft.py` with the single-process launch config."""
+    path = small_sft_recipe(tmp_path)
+    recipe = prepare(path)
+    result = subprocess.run(
+        ["accelerate", "launch", "--config_file", "accelerate_configs/single_process.yaml", "pipeline/sft.py", "--config", str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sft: lora, 12 steps" in result.stdout
+    assert artifacts.manifest_is_complete(recipe.run_dir / "sft")

@@ -1,0 +1,142 @@
+"""ONNX Runtime GenAI (fp32, int4) against PyTorch fp32: decode speed at batch 1 and prefill latency.
+
+    python benchmarks/onnx_vs_torch.py [--config configs/tiny.yaml] [--decode-tokens 64] [--repeats 3]
+
+Two models, each measured side by side in one run: the default recipe's export (run `python -m pipeline.run`
+first) and a Llama-architecture model of about 135M parameters with random weights (hidden 576, 30 layers,
+9 heads, 3 KV heads, vocab 49,152), which the tiny default is too small to stand in for: at 0.9M parameters
+every runtime measures its own overhead. Prompts are random token ids; decoding ignores stop tokens so each
+runtime produces the same number of tokens. Reports medians of the repeats and ratios to PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPT_LENGTHS = (32, 256)
+
+
+def build_135m(folder: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
+    return folder
+
+
+def torch_timings(model_dir: Path, prompts: dict[int, list[int]], decode_tokens: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = {}
+    with torch.no_grad():
+        for length, ids in prompts.items():
+            tensor = torch.tensor([ids])
+            model(tensor)  # warm-up
+            start = time.perf_counter()
+            model(tensor)
+            out[f"prefill_{length}_ms"] = (time.perf_counter() - start) * 1000
+        tensor = torch.tensor([prompts[PROMPT_LENGTHS[0]]])
+        start = time.perf_counter()
+        model.generate(tensor, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    out["decode_tokens_per_s"] = decode_tokens / max(total - out[f"prefill_{PROMPT_LENGTHS[0]}_ms"] / 1000, 1e-9)
+    return out
+
+
+def onnx_timings(onnx_dir: Path, prompts: dict[int, list[int]], decode_tokens: int) -> dict[str, float]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+
+    def generator(length: int, extra: int):  # noqa: ANN202
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=length + extra, min_length=length + extra)
+        return og.Generator(model, params)
+
+    out = {}
+    for length, ids in prompts.items():
+        generator(length, 1).append_tokens(np.asarray(ids, dtype=np.int32))  # warm-up
+        gen = generator(length, 1)
+        start = time.perf_counter()
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        out[f"prefill_{length}_ms"] = (time.perf_counter() - start) * 1000
+    first = PROMPT_LENGTHS[0]
+    gen = generator(first, decode_tokens)
+    gen.append_tokens(np.asarray(prompts[first], dtype=np.int32))
+    start = time.perf_counter()
+    produced = 0
+    while not gen.is_done() and produced < decode_tokens:
+        gen.generate_next_token()
+        produced += 1
+    out["decode_tokens_per_s"] = produced / (time.perf_counter() - start)
+    return out
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def measure(label: str, model_dir: Path, onnx_dirs: dict[str, Path], vocab: int, decode_tokens: int, repeats: int) -> None:
+    import random
+
+    rng = random.Random(0)
+    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENGTHS}
+    results = {"torch fp32": median_of([torch_timings(model_dir, prompts, decode_tokens) for _ in range(repeats)])}
+    for name, folder in onnx_dirs.items():
+        results[f"onnx {name}"] = median_of([onnx_timings(folder, prompts, decode_tokens) for _ in range(repeats)])
+    reference = results["torch fp32"]
+    print(f"\n{label}")
+    print(f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} " + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in PROMPT_LENGTHS))
+    for name, values in results.items():
+        cells = [f"{values['decode_tokens_per_s']:13.1f} {values['decode_tokens_per_s'] / reference['decode_tokens_per_s']:8.2f}"]
+        for n in PROMPT_LENGTHS:
+            key = f"prefill_{n}_ms"
+            # a ratio above 1 means faster than PyTorch for both columns
+            cells.append(f"{values[key]:15.2f} {reference[key] / values[key]:8.2f}")
+        print(f"  {name:12} " + " ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from pipeline import artifacts, export
+    from pipeline.config import load_recipe
+
+    recipe = load_recipe(args.config)
+    export_dir = artifacts.require_stage(recipe.run_dir, "export", "benchmark", recipe)
+    onnx_root = export_dir / export.ONNX_DIR
+    default_onnx = {p.name: p for p in sorted(onnx_root.iterdir())} if onnx_root.is_dir() else {}
+    vocab = len(__import__("json").loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"])
+    measure(f"default recipe export ({recipe.run.name})", export_dir / artifacts.MODEL_DIR, default_onnx, vocab,
+            args.decode_tokens, args.repeats)  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="onnx-bench-") as scratch:
+        folder = build_135m(Path(scratch) / "model", export_dir / artifacts.MODEL_DIR)
+        onnx_dirs = {}
+        for precision in ("fp32", "int4"):
+            onnx_dirs[precision] = Path(scratch) / precision
+            export.build_onnx(folder, onnx_dirs[precision], precision)
+        measure("Llama 135M, random weights", folder, onnx_dirs, 49152, args.decode_tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
