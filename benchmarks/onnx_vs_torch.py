@@ -21,7 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPT_LENGTHS = (32, 256)
+PROMPT_LENGTHS = (32, 256)  # the longer one shrinks to fit a model whose context is shorter than 256 + decode
+
+
+def prompt_lengths(model_dir: Path, decode_tokens: int) -> tuple[int, int]:
+    import json
+
+    context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    return PROMPT_LENGTHS[0], min(PROMPT_LENGTHS[1], context - decode_tokens - 1)
 
 
 def build_135m(folder: Path, tokenizer_dir: Path) -> Path:
@@ -49,11 +56,11 @@ def torch_timings(model_dir: Path, prompts: dict[int, list[int]], decode_tokens:
             start = time.perf_counter()
             model(tensor)
             out[f"prefill_{length}_ms"] = (time.perf_counter() - start) * 1000
-        tensor = torch.tensor([prompts[PROMPT_LENGTHS[0]]])
+        tensor = torch.tensor([prompts[min(prompts)]])
         start = time.perf_counter()
         model.generate(tensor, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
         total = time.perf_counter() - start
-    out["decode_tokens_per_s"] = decode_tokens / max(total - out[f"prefill_{PROMPT_LENGTHS[0]}_ms"] / 1000, 1e-9)
+    out["decode_tokens_per_s"] = decode_tokens / max(total - out[f"prefill_{min(prompts)}_ms"] / 1000, 1e-9)
     return out
 
 
@@ -75,7 +82,7 @@ def onnx_timings(onnx_dir: Path, prompts: dict[int, list[int]], decode_tokens: i
         start = time.perf_counter()
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
         out[f"prefill_{length}_ms"] = (time.perf_counter() - start) * 1000
-    first = PROMPT_LENGTHS[0]
+    first = min(prompts)
     gen = generator(first, decode_tokens)
     gen.append_tokens(np.asarray(prompts[first], dtype=np.int32))
     start = time.perf_counter()
@@ -95,16 +102,17 @@ def measure(label: str, model_dir: Path, onnx_dirs: dict[str, Path], vocab: int,
     import random
 
     rng = random.Random(0)
-    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENGTHS}
+    lengths = prompt_lengths(model_dir, decode_tokens)
+    prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in lengths}
     results = {"torch fp32": median_of([torch_timings(model_dir, prompts, decode_tokens) for _ in range(repeats)])}
     for name, folder in onnx_dirs.items():
         results[f"onnx {name}"] = median_of([onnx_timings(folder, prompts, decode_tokens) for _ in range(repeats)])
     reference = results["torch fp32"]
     print(f"\n{label}")
-    print(f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} " + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in PROMPT_LENGTHS))
+    print(f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} " + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in lengths))
     for name, values in results.items():
         cells = [f"{values['decode_tokens_per_s']:13.1f} {values['decode_tokens_per_s'] / reference['decode_tokens_per_s']:8.2f}"]
-        for n in PROMPT_LENGTHS:
+        for n in lengths:
             key = f"prefill_{n}_ms"
             # a ratio above 1 means faster than PyTorch for both columns
             cells.append(f"{values[key]:15.2f} {reference[key] / values[key]:8.2f}")

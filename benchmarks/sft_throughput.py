@@ -3,7 +3,7 @@
     python benchmarks/sft_throughput.py [--steps 200] [--repeats 2]
 
 Both train the same base model on the same tokenized rows of the default recipe with the same settings,
-alternating (pipeline, bare, pipeline, bare, ...) so machine noise hits both alike. Tokens/s is
+in ABBA order (pipeline, bare, bare, pipeline, ...) so machine noise and warm-up hit both alike. Tokens/s is
 non-padding tokens seen divided by the wall time of `trainer.train()` in each. Also reports the padding
 fraction of the default data at the recipe's batch size, and real-token throughput with packing on and off.
 Exits 1 if the pipeline is slower than 0.95x bare TRL.
@@ -97,18 +97,23 @@ def main() -> None:
     lr = recipe.sft.trainer.get("learning_rate", 2e-5)
 
     pipeline_rates, bare_rates = [], []
-    for _ in range(args.repeats):
-        p = run_pipeline_sft(args.config, common)
-        b = run_bare_trl(recipe.run_dir, args.steps, per_device, lr, recipe.data.max_length, recipe.run.seed)
-        pipeline_rates.append(p["tokens"] / p["seconds"])
-        bare_rates.append(b["tokens"] / b["seconds"])
+    for repeat in range(args.repeats):
+        # ABBA order: whichever runs second in a pair must not always be the same program.
+        runs = {
+            "pipeline": lambda: run_pipeline_sft(args.config, common),
+            "bare": lambda: run_bare_trl(recipe.run_dir, args.steps, per_device, lr, recipe.data.max_length, recipe.run.seed),
+        }
+        order = ["pipeline", "bare"] if repeat % 2 == 0 else ["bare", "pipeline"]
+        measured = {name: runs[name]() for name in order}
+        pipeline_rates.append(measured["pipeline"]["tokens"] / measured["pipeline"]["seconds"])
+        bare_rates.append(measured["bare"]["tokens"] / measured["bare"]["seconds"])
     ratio = statistics.median(p / b for p, b in zip(pipeline_rates, bare_rates))
 
     packed = run_pipeline_sft(args.config, common + ["sft.packing=true"])
     unpacked = run_pipeline_sft(args.config, common + ["sft.packing=false"])
     packing_gain = (packed["tokens"] / packed["seconds"]) / (unpacked["tokens"] / unpacked["seconds"])
 
-    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} alternating runs each")
+    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} runs each in ABBA order")
     print(f"  pipeline  tokens/s: {', '.join(f'{r:,.0f}' for r in pipeline_rates)}")
     print(f"  bare TRL  tokens/s: {', '.join(f'{r:,.0f}' for r in bare_rates)}")
     print(f"  ratio pipeline / bare TRL (median of pairs): {ratio:.3f}  (required >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
