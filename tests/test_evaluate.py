@@ -78,3 +78,13 @@ def test_unknown_metric_lists_the_shipped_ones(tmp_path: Path) -> None:
 def test_malformed_gate_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'final\.exact_match' is not MODEL\.METRIC"):
         load_recipe(dpo_recipe(tmp_path), ["evaluate.gates={final.exact_match: 0.5}"])
+
+
+def test_shipped_metrics_are_deterministic_and_load_offline() -> None:
+    from pipeline import scoring
+
+    predictions, references = ["cat", "a dog", "x"], ["cat", "the dog", "y"]
+    first = scoring.compute_metric("rouge", predictions, references)
+    assert first == scoring.compute_metric("rouge", predictions, references)
+    assert first["rouge1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert scoring.compute_metric("exact_match", predictions, references) == {"exact_match": pytest.approx(1 / 3)}

@@ -2,10 +2,12 @@
 
 import datasets
 import evaluate
+import numpy as np
 from rouge_score import rouge_scorer
-from rouge_score import scoring
 
-_DESCRIPTION = "ROUGE F-measures (rouge1, rouge2, rougeL), aggregated with rouge_score's bootstrap aggregator."
+# The mean of per-example F-measures: rouge_score's BootstrapAggregator resamples with an unseeded RNG, so
+# its estimate changed between two evaluations of the same predictions.
+_DESCRIPTION = "ROUGE F-measures (rouge1, rouge2, rougeL), averaged over examples."
 
 
 class Rouge(evaluate.Metric):
@@ -19,8 +21,5 @@ class Rouge(evaluate.Metric):
 
     def _compute(self, predictions, references, rouge_types=("rouge1", "rouge2", "rougeL")):
         scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=False)
-        aggregator = scoring.BootstrapAggregator(n_samples=1000)
-        for prediction, reference in zip(predictions, references):
-            aggregator.add_scores(scorer.score(reference, prediction))
-        result = aggregator.aggregate()
-        return {key: float(result[key].mid.fmeasure) for key in rouge_types}
+        scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+        return {key: float(np.mean([s[key].fmeasure for s in scores])) if scores else 0.0 for key in rouge_types}
