@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 
 from pipeline.errors import PipelineError
@@ -39,6 +41,11 @@ def training_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def is_main_rank() -> bool:
+    """True except in the non-main processes of a multi-process launch, whose output would repeat rank 0's."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_user_error(error: PipelineError) -> None:
     """The first paragraph wrapped; anything after a blank line (a table, say) printed as it is."""
     head, _, rest = str(error).partition("\n")
@@ -49,10 +56,15 @@ def report_user_error(error: PipelineError) -> None:
 
 def run_cli(entry: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a stage entry point; a PipelineError becomes a readable message and exit code 2."""
+    if not is_main_rank():
+        # Library warnings repeat rank 0's; errors and tracebacks still show.
+        warnings.filterwarnings("ignore")
     try:
         entry(argv)
     except PipelineError as error:
-        report_user_error(error)
+        # Every process checks the same recipe and files, so every process raises the same error: say it once.
+        if is_main_rank():
+            report_user_error(error)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

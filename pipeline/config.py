@@ -191,6 +191,11 @@ class TrainingSection:
                 f"{section}.per_device_train_batch_size={per_device} does not divide "
                 f"{section}.global_batch_size={self.global_batch_size}."
             )
+        if self.launch_config:
+            from pipeline import launch
+
+            launch.check_method(self.method, section, launch.from_config_file(self.launch_config, f"{section}.launch_config"),
+                                self.global_batch_size)  # fmt: skip
         for derived in ("gradient_accumulation_steps",):
             if derived in self.trainer:
                 raise ConfigError(

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/dpo.py` runs this f
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import artifacts, training
-from pipeline.cli import run_cli, training_parser
+from pipeline.cli import is_main_rank, run_cli, training_parser
 from pipeline.config import Recipe, load_recipe
 from pipeline.errors import MissingArtifactError
 
@@ -57,7 +57,8 @@ def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh
     stage.add_input("data", data_dir)
     stage.add_input("sft", sft_dir)
     if not force and stage.up_to_date():
-        print(f"dpo: up to date ({stage.final_dir}); use --force to retrain.")
+        if is_main_rank():
+            print(f"dpo: up to date ({stage.final_dir}); use --force to retrain.")
         return stage.final_dir
     if not (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir():
         raise MissingArtifactError(
@@ -78,7 +79,12 @@ def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh
     resume_from = training.begin_or_resume(stage, allow_drift=allow_drift, fresh=fresh)
     sft_base, sft_adapter = training.trained_model_location(sft_dir)
     start = stage.work_dir / artifacts.DPO_BASE_DIR
-    _materialise_base(sft_base, sft_adapter, start, recipe, tokenizer)
+    state = training.processes()
+    if state.is_main_process:
+        # One process writes it; under ZeRO-3 the merge must load whole weights, not partition them across ranks.
+        with training.zero3_partitioning_off():
+            _materialise_base(sft_base, sft_adapter, start, recipe, tokenizer)
+    state.wait_for_everyone()
     model = training.load_trainable_model(recipe, recipe.dpo, STAGE, start)
     columns = ["prompt", "chosen", "rejected"]
     trainer = DPOTrainer(
@@ -94,18 +100,17 @@ def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh
     if metrics is None:
         return None
     adapter = recipe.dpo.method != "full"
-    if not adapter:
+    if not adapter and state.is_main_process:
         shutil.rmtree(start)  # the trained full weights are in model/; the starting point is the SFT artifact
     last = next((e for e in reversed(trainer.state.log_history) if "rewards/margins" in e), {})
     metrics.update(method=recipe.dpo.method, **{k.replace("/", "_"): last.get(k) for k in REWARD_KEYS})
     record = training.model_record(artifacts.DPO_BASE_DIR if adapter else artifacts.MODEL_DIR, inside_artifact=True, adapter=adapter)
-    final = stage.complete(metrics, extra={"model": record})
-    print(
+    return training.complete_stage(
+        stage, metrics, record,
         f"dpo: {recipe.dpo.method}, {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f}, "
         f"reward margin {metrics['rewards_margins']}, reward accuracy {metrics['rewards_accuracies']} in "
-        f"{metrics['train_seconds']:.0f} s -> {final}"
-    )
-    return final
+        f"{metrics['train_seconds']:.0f} s",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

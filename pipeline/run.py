@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline import artifacts, launch
 from pipeline.cli import run_cli, stage_parser
 from pipeline.config import Recipe, load_recipe
 from pipeline.errors import PipelineError
@@ -46,8 +46,9 @@ def _headline(name: str, folder: Path) -> str:
 
 
 def _launch(recipe: Recipe, name: str, launch_config: str, overrides: Sequence[str], force: bool) -> None:
-    """SFT/DPO under `accelerate launch`, so the launch config decides processes and DeepSpeed."""
-    command = ["accelerate", "launch", "--config_file", launch_config, f"pipeline/{name}.py", "--config", recipe.source_path,
+    """SFT/DPO under `accelerate launch`, so the launch config decides processes and DeepSpeed. Recipe validation
+    has already refused a method the launch cannot run, before any process starts."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.resolve_config_path(launch_config)), str(Path(__file__).with_name(f"{name}.py")), "--config", recipe.source_path,
                *(["--force"] if force else []), *overrides]  # fmt: skip
     if subprocess.run(command).returncode != 0:
         raise PipelineError(f"`{' '.join(command)}` failed; see its output above.")

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/sft.py` runs this f
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import artifacts, training
-from pipeline.cli import run_cli, training_parser
+from pipeline.cli import is_main_rank, run_cli, training_parser
 from pipeline.config import Recipe, load_recipe
 from pipeline.errors import MissingArtifactError
 
@@ -33,7 +33,8 @@ def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh
     stage.add_input("data", data_dir)
     model_path = training.base_model_path(recipe, stage)
     if not force and stage.up_to_date():
-        print(f"sft: up to date ({stage.final_dir}); use --force to retrain.")
+        if is_main_rank():
+            print(f"sft: up to date ({stage.final_dir}); use --force to retrain.")
         return stage.final_dir
     if not (data_dir / artifacts.SFT_DATA_DIR).is_dir():
         raise MissingArtifactError(
@@ -73,13 +74,12 @@ def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh
     record = training.model_record(
         model_path if adapter else artifacts.MODEL_DIR, inside_artifact=not adapter, adapter=adapter
     )
-    final = stage.complete(metrics, extra={"model": record})
-    print(
+    return training.complete_stage(
+        stage, metrics, record,
         f"sft: {recipe.sft.method}, {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f}, "
         f"{metrics['tokens_seen']:,} tokens at {metrics['tokens_per_second']:,.0f} tokens/s in "
-        f"{metrics['train_seconds']:.0f} s -> {final}"
-    )
-    return final
+        f"{metrics['train_seconds']:.0f} s",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,16 +4,17 @@ checkpoints and resume, SIGTERM, the final artifact and its plots. Stage files o
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import artifacts, models
+from pipeline import artifacts, launch, models
 from pipeline.config import Recipe, TrainingSection
 from pipeline.errors import ConfigError, PipelineError
 
@@ -39,18 +40,34 @@ class BatchPlan:
         return self.world_size * self.per_device * self.accumulation
 
 
-def world_size() -> int:
-    """Processes in this launch (accelerate launch / torchrun set WORLD_SIZE; a plain run is one)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def processes() -> Any:
+    """This launch's processes (accelerate's PartialState; the trainer arguments set it up, including the backend)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+@contextlib.contextmanager
+def zero3_partitioning_off() -> Iterator[None]:
+    """Models loaded inside are whole even under ZeRO-3, whose trainer arguments make every load partition across
+    ranks (a collective the other ranks would never join). transformers decides that from one global config."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def plan_batch(section: TrainingSection, name: str, processes: int) -> BatchPlan:
-    """Per-device batch and accumulation that give the recipe's global batch on any number of processes."""
+    """Per-device batch and accumulation that give the recipe's global batch on any number of processes
+    (a number that divides it: `launch.check_method` refuses others before training)."""
     total = section.global_batch_size
-    if total % processes:
-        raise ConfigError(
-            f"{name}.global_batch_size={total} cannot be split over {processes} processes; use a multiple of {processes}."
-        )
     per_process = total // processes
     per_device = section.trainer.get("per_device_train_batch_size") or per_process
     if per_process % per_device:
@@ -181,7 +198,9 @@ def trainer_arguments(config_class: type, recipe: Recipe, section: TrainingSecti
     """The TRL config: the recipe's TRL fields verbatim, plus what the pipeline owns (paths, seed, batch plan)."""
     import torch
 
-    plan = plan_batch(section, name, world_size())
+    current = launch.from_environment()
+    launch.check_method(section.method, name, current, section.global_batch_size)
+    plan = plan_batch(section, name, current.processes)
     fields: dict[str, Any] = {
         "report_to": "none",
         "save_strategy": "steps",
@@ -196,7 +215,11 @@ def trainer_arguments(config_class: type, recipe: Recipe, section: TrainingSecti
     }
     if not torch.cuda.is_available():
         # Mixed precision flags fail without a GPU ("Your setup doesn't support bf16/gpu"); CPU runs in the model dtype.
-        fields.update(bf16=False, fp16=False, use_cpu=True)
+        fields.update(bf16=False, fp16=False)
+        # Without CUDA, accelerate initialises DeepSpeed with no process group backend and a single-process DDP
+        # launch trains each process alone: DeepSpeed needs gloo named, DDP needs the Trainer's CPU mode (and
+        # breaks with the backend named).
+        fields.update(ddp_backend="gloo") if current.kind == "deepspeed" else fields.update(use_cpu=True)
     try:
         return config_class(**fields)
     except (ValueError, TypeError) as error:
@@ -216,7 +239,8 @@ def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool
     """Start the stage's work folder, or pick up the newest complete checkpoint of an interrupted run.
 
     Resuming is refused when the recipe or an input changed since that run (unless allow_drift), since the
-    continued run would silently mix two different trainings.
+    continued run would silently mix two different trainings. Every process decides the same from the same
+    files; only the main one writes.
     """
     key = {"config_hash": stage.config_hash, "inputs": {n: r["sha256"] for n, r in stage.inputs.items()}}
     checkpoints = [] if fresh else complete_checkpoints(stage.work_dir)
@@ -232,10 +256,12 @@ def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool
                 f"Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, or --fresh "
                 f"to discard the checkpoints and start over."
             )
-        stage.begin(keep_partial=True)
-    else:
-        stage.begin()
-    (stage.work_dir / RESUME_KEY).write_text(json.dumps(key, indent=2) + "\n")
+    state = processes()
+    state.wait_for_everyone()  # nobody reads the work folder while the main process clears it
+    if state.is_main_process:
+        stage.begin(keep_partial=bool(checkpoints))
+        (stage.work_dir / RESUME_KEY).write_text(json.dumps(key, indent=2) + "\n")
+    state.wait_for_everyone()
     return checkpoints[-1] if checkpoints else None
 
 
@@ -249,23 +275,37 @@ def _drift(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
 
 
 class StopOnSignal:
-    """On SIGTERM: save a checkpoint at the end of the current step and stop training (the stage exits 0)."""
+    """On SIGTERM: save a checkpoint at the end of the current step and stop training (the stage exits 0).
+
+    Under several processes the decision is agreed at every step (a signal can reach the ranks in different
+    steps), since saving a checkpoint is collective and a rank that stops alone leaves the others waiting.
+    """
 
     def __init__(self) -> None:
         from transformers import TrainerCallback
 
         outer = self
         self.received = False
+        self.stopping = False
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - the Trainer's callback API
-                if outer.received:
+                outer.stopping = outer._agreed(args.device) if args.world_size > 1 else outer.received
+                if outer.stopping:
                     control.should_save = True
                     control.should_training_stop = True
                 return control
 
         self.callback = _Callback()
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _agreed(self, device: Any) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -297,13 +337,28 @@ def plot_curves(log_history: list[dict[str, Any]], keys: list[str], path: Path, 
     plt.close(fig)
 
 
+def peak_memory_mb() -> float:
+    """This process's peak memory: the accelerator's allocations on a GPU, else the resident set size."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
 def train_and_save(
     trainer: Trainer, stage: artifacts.StageRun, resume_from: Path | None, plot_keys: dict[str, list[str]]
 ) -> dict[str, Any] | None:
     """Train (resuming if asked), then write the model, tokenizer, log history and plots into the work folder.
 
-    Returns the headline metrics, or None when SIGTERM stopped the run after saving a checkpoint.
+    Every process trains and takes part in saving (ZeRO-3 gathers the partitioned weights); only the main
+    process writes files. Returns the headline metrics, or None when SIGTERM stopped the run after a checkpoint.
     """
+    from accelerate.utils import gather_object
+
+    state = processes()
     stopper = StopOnSignal()
     trainer.add_callback(stopper.callback)
     started = time.time()
@@ -311,27 +366,30 @@ def train_and_save(
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stopper.restore()
-    if stopper.received:
+    if stopper.stopping:
         newest = complete_checkpoints(stage.work_dir)
-        print(f"{stage.stage}: stopped by SIGTERM; saved {newest[-1] if newest else 'no checkpoint'}. Rerun the same command to resume.")
+        if state.is_main_process:
+            print(f"{stage.stage}: stopped by SIGTERM; saved {newest[-1] if newest else 'no checkpoint'}. Rerun the same command to resume.")
         return None
     wall = time.time() - started
     work = stage.work_dir
     model_dir = work / artifacts.MODEL_DIR
     trainer.save_model(str(model_dir))  # gathers sharded (ZeRO-3) weights; PEFT models save only the adapter
-    # The Trainer also pickles its arguments; the artifact keeps them as JSON and holds no pickle files.
-    (model_dir / "training_args.bin").unlink(missing_ok=True)
-    (work / artifacts.TRAINING_ARGS).write_text(trainer.args.to_json_string())
-    trainer.processing_class.save_pretrained(str(model_dir))
+    memory = [round(mb, 1) for mb in gather_object([peak_memory_mb()])]
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     history = trainer.state.log_history
-    (work / artifacts.LOG_HISTORY).write_text(json.dumps(history, indent=1) + "\n")
-    for filename, keys in plot_keys.items():
-        plot_curves(history, keys, work / filename, f"{stage.stage}: {', '.join(keys)}")
     losses = [e["loss"] for e in history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen or 0)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    shutil.rmtree(work / CHECKPOINTS_DIR, ignore_errors=True)  # resume state; the artifact is the final model
-    (work / RESUME_KEY).unlink(missing_ok=True)
+    if state.is_main_process:
+        # The Trainer also pickles its arguments; the artifact keeps them as JSON and holds no pickle files.
+        (model_dir / "training_args.bin").unlink(missing_ok=True)
+        (work / artifacts.TRAINING_ARGS).write_text(trainer.args.to_json_string())
+        trainer.processing_class.save_pretrained(str(model_dir))
+        (work / artifacts.LOG_HISTORY).write_text(json.dumps(history, indent=1) + "\n")
+        for filename, keys in plot_keys.items():
+            plot_curves(history, keys, work / filename, f"{stage.stage}: {', '.join(keys)}")
+        shutil.rmtree(work / CHECKPOINTS_DIR, ignore_errors=True)  # resume state; the artifact is the final model
+        (work / RESUME_KEY).unlink(missing_ok=True)
     return {
         "final_loss": losses[-1] if losses else None,
         "train_loss": output.training_loss,
@@ -340,5 +398,17 @@ def train_and_save(
         "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
         "train_seconds": round(wall, 2),
         "trainable_parameters": trainable,
+        "processes": state.num_processes,
+        "peak_memory_mb_per_process": memory,
         "resumed_from": resume_from.name if resume_from else None,
     }
+
+
+def complete_stage(stage: artifacts.StageRun, metrics: dict[str, Any], record: dict[str, Any], summary: str) -> Path:
+    """The main process writes the manifest and prints the stage's one-line summary; the others wait for it."""
+    state = processes()
+    if state.is_main_process:
+        stage.complete(metrics, extra={"model": record})
+        print(f"{summary} -> {stage.final_dir}")
+    state.wait_for_everyone()
+    return stage.final_dir

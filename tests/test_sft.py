@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, base, data, sft, training
+from pipeline import artifacts, base, data, launch, sft, training
 from pipeline.config import load_recipe
 from pipeline.errors import ConfigError, DataError, MissingArtifactError
 
@@ -235,8 +235,8 @@ def test_global_batch_is_the_same_for_any_process_count() -> None:
     plans = [training.plan_batch(section, "sft", n) for n in (1, 2, 4, 8)]
     assert [p.global_batch for p in plans] == [32, 32, 32, 32]
     assert [(p.per_device, p.accumulation) for p in plans] == [(4, 8), (4, 4), (4, 2), (4, 1)]
-    with pytest.raises(ConfigError, match="cannot be split over 3 processes"):
-        training.plan_batch(section, "sft", 3)
+    with pytest.raises(ConfigError, match="cannot be split over the 3 processes of DDP"):
+        launch.check_method("full", "sft", launch.Launch("ddp", 3), section.global_batch_size)
 
 
 def test_accelerate_launch_runs_the_stage_file(tmp_path: Path) -> None:
