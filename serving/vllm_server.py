@@ -25,6 +25,7 @@ from pipeline.config import load_recipe
 from pipeline.errors import ConfigError, MissingArtifactError
 
 SERVING_FILE = "serving.json"
+SMALL_HOST_CPUS = 4
 
 
 def vllm_arguments(artifact: Path, serving: dict, host: str, port: int, use_lora: bool, extra: Sequence[str], on_gpu: bool) -> list[str]:
@@ -88,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if api_key:
         os.environ["VLLM_API_KEY"] = api_key
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if (os.cpu_count() or 1) <= SMALL_HOST_CPUS:
+        # vLLM's CPU backend keeps one core back for its engine process; on a small host that halves the cores
+        # running the model (measured on 2 cores, 135M model, 32 concurrent requests: 150 -> 233 tokens/s).
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
     import torch
 

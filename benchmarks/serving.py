@@ -1,0 +1,421 @@
+"""Serving throughput: the vLLM server (serving/vllm_server.py) against batched HF `generate`, side by side.
+
+    python benchmarks/serving.py [--config configs/tiny.yaml] [--concurrency 1 8 32] [--output-tokens 64]
+                                 [--prompt-tokens 64] [--requests-per-level N] [--json PATH] [--server-log PATH]
+
+The model is a Llama-architecture model of about 135M parameters with random weights (hidden 576, 30 layers,
+9 heads, 3 KV heads, vocab 49,152; `build_135m` of benchmarks/onnx_vs_torch.py), which the tiny default
+(0.9M parameters) is too small to stand in for. It carries the default recipe's trained tokenizer (run
+`python -m pipeline.data` first); prompts are random token ids inside that tokenizer's vocabulary, all of
+--prompt-tokens length, so both engines see identical prompt token ids and HF needs no padding. Every
+request produces exactly --output-tokens tokens (vLLM: `ignore_eos` + `min_tokens`; HF: min_new_tokens =
+max_new_tokens), greedy, in the same dtype in both: float32 by default (the server's CPU default, see
+`vllm_arguments`), or --dtype bfloat16. --compile lets vLLM compile the model instead of running eagerly.
+
+What each number measures, per concurrency level C with R requests (default R = max(2C, 4)):
+  vLLM  the server started as `python -m serving.vllm_server --artifact <folder>` with a serving.json written
+        here, driven over loopback by the `openai` client (AsyncOpenAI, streaming /v1/completions with token-id
+        prompts), C requests in flight at all times until R are done. tok/s = output tokens of all R requests
+        / wall time from the first request sent to the last one finished. TTFT = request sent -> first
+        streamed token received; TPOT = (last token - first token) / (tokens - 1), per request. The client
+        runs on the same cores as the server, so its cost is in the server's numbers.
+  HF    `model.generate` on batches of C prompts (R / C batches). tok/s = output tokens / summed wall time of
+        the full generate calls. TTFT = wall time of `generate(max_new_tokens=1)` on the same batch (prefill
+        plus one token), the same for every request of the batch; TPOT = (full generate - TTFT) / (tokens - 1).
+        No queueing: every request of a batch starts at once.
+p50/p99 are over the R requests of a level (with few requests p99 is close to the maximum). The engines
+take turns level by level (HF, then vLLM, while the server idles), so drifting background load on a shared
+machine hits both alike; each gets a short warm-up per level. HF uses torch's default threads (all cores);
+the server uses what vLLM's CPU backend picks: it pins its worker's threads, and on hosts of up to 4 CPUs the
+server stops it from keeping one CPU back for its engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU=0); the
+output prints the CPUs the worker's threads are pinned to. The load average before and after is printed: on a shared machine, read the ratios with it.
+
+Also measures this machine's memory bandwidth in the same run (torch sum over a large float32 tensor, best
+of several) and reports batch-1 decode speed of each engine against the bandwidth limit for the model's
+bytes (every parameter read once per decode step; the KV cache and activations are ignored).
+Goal (issue #8): the server at least 2x HF in output tokens/s at concurrency 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SERVED_NAME = "llama-135m-random"
+API_KEY = "serving-benchmark"  # set explicitly, so a PIPELINE_API_KEY in the environment changes nothing
+STARTUP_SECONDS = 300
+GOAL_RATIO = 2.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(tokens: int, seconds: float, ttft: list[float], tpot: list[float]) -> dict[str, float]:
+    return {
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ttft_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "tpot_p50_ms": percentile(tpot, 50) * 1000,
+        "tpot_p99_ms": percentile(tpot, 99) * 1000,
+    }
+
+
+def memory_bandwidth(gib: float, repeats: int = 7) -> dict[str, float]:
+    """Best-of-N read (sum) and copy bandwidth of a float32 tensor far larger than the caches, in GB/s."""
+    import torch
+
+    n = int(gib * 2**30) // 4
+    source = torch.ones(n, dtype=torch.float32)
+    target = torch.empty_like(source)
+    target.copy_(source)  # touch every page before timing
+    reads, copies = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        source.sum()
+        reads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        target.copy_(source)
+        copies.append(time.perf_counter() - start)
+    nbytes = n * 4
+    del source, target
+    return {"tensor_gib": gib, "read_gb_s": nbytes / min(reads) / 1e9, "copy_gb_s": 2 * nbytes / min(copies) / 1e9}
+
+
+def hf_level(model, prompts: list[list[int]], batch: int, output_tokens: int, pad_id: int) -> dict[str, float]:
+    import torch
+
+    def generate(ids: list[list[int]], new_tokens: int) -> float:
+        tensor = torch.tensor(ids)
+        start = time.perf_counter()
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)  # fmt: skip
+        seconds = time.perf_counter() - start
+        assert out.shape[1] - tensor.shape[1] == new_tokens, "HF produced a different number of tokens"
+        return seconds
+
+    with torch.no_grad():
+        generate(prompts[:batch], 2)  # warm-up at this batch size
+        total_seconds, ttft, tpot = 0.0, [], []
+        for first in range(0, len(prompts), batch):
+            chunk = prompts[first : first + batch]
+            prefill = generate(chunk, 1)
+            full = generate(chunk, output_tokens)
+            total_seconds += full
+            ttft += [prefill] * len(chunk)
+            tpot += [(full - prefill) / max(output_tokens - 1, 1)] * len(chunk)
+    return summarize(len(prompts) * output_tokens, total_seconds, ttft, tpot)
+
+
+async def vllm_level(port: int, prompts: list[list[int]], concurrency: int, output_tokens: int) -> dict[str, float]:
+    """Closed loop: `concurrency` clients, each sending its next request when its last one finished. Tokens are
+    counted from the streamed token ids (`return_token_ids`), not the text: most ids of the random model's
+    49,152-entry vocabulary are outside the small tokenizer and decode to nothing."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=600)
+    async def one(prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
+        sent = time.perf_counter()
+        first = last = None
+        received = 0
+        usage = None
+        stream = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=tokens, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True, "min_tokens": tokens, "return_token_ids": True})  # fmt: skip
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if not chunk.choices:
+                continue
+            ids = (chunk.choices[0].model_extra or {}).get("token_ids") or []
+            if ids:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                received += len(ids)
+        if usage is not None and usage.completion_tokens != received:
+            raise RuntimeError(f"streamed {received} token ids but usage says {usage.completion_tokens}")
+        if received != tokens:
+            raise RuntimeError(f"the server produced {received} tokens, asked for exactly {tokens}")
+        return sent, first, last, received
+
+    async def run(items: list[list[int]], tokens: int) -> list[tuple[float, float, float, int]]:
+        queue = list(enumerate(items))
+        results: list = [None] * len(items)
+
+        async def worker() -> None:
+            while queue:
+                index, prompt = queue.pop(0)
+                results[index] = await one(prompt, tokens)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results
+
+    try:
+        await run(prompts[:concurrency], 2)  # warm-up at this concurrency
+        start = time.perf_counter()
+        results = await run(prompts, output_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        await client.close()
+    ttft = [first - sent for sent, first, _, _ in results]
+    tpot = [(last - first) / max(n - 1, 1) for _, first, last, n in results]
+    return summarize(sum(n for *_, n in results), seconds, ttft, tpot)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(log_path: Path, lines: int = 40) -> str:
+    text = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    return "\n".join(text[-lines:])
+
+
+def start_server(artifact: Path, config: str, port: int, log_path: Path, dtype: str, compile_graphs: bool) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the server's own default, stated here for the record
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serving.vllm_server", "--config", config, "--artifact", str(artifact),
+             "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--", "--dtype", dtype,
+             *(["--no-enforce-eager"] if compile_graphs else [])],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def wait_healthy(port: int, server: subprocess.Popen, log_path: Path) -> float:
+    started = time.time()
+    while time.time() - started < STARTUP_SECONDS:
+        if server.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with code {server.returncode} before it became healthy; "
+                               f"the end of {log_path}:\n{log_tail(log_path)}")  # fmt: skip
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return time.time() - started
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the vLLM server was not healthy within {STARTUP_SECONDS} s; the end of {log_path}:\n{log_tail(log_path)}")
+
+
+def stop_server(server: subprocess.Popen) -> list[int]:
+    """SIGTERM and wait; SIGKILL the process group and any straggler after a grace period. The pids left over."""
+    import psutil
+
+    try:
+        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    _, alive = psutil.wait_procs(family, timeout=30)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    return [p.pid for p in alive]
+
+
+def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
+    """The CPUs the threads of each vLLM worker process may run on (the union over its threads).
+
+    vLLM's CPU backend pins each OpenMP thread of its worker to one CPU and, by default, keeps CPUs back for its
+    engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU), so on a small machine the model may get fewer cores
+    than HF, which uses all of them."""
+    import psutil
+
+    children = psutil.Process(server.pid).children(recursive=True)
+    workers = [p for p in children if "Worker" in p.name()] or children
+    out = {}
+    for process in workers:
+        cpus: set[int] = set()
+        for thread in process.threads():
+            try:
+                cpus |= os.sched_getaffinity(thread.id)
+            except OSError:
+                pass
+        out[process.name()] = sorted(cpus)
+    return out
+
+
+def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int) -> Path:
+    """An export-shaped folder (pipeline/export.py's serving.json fields) holding the random 135M model."""
+    import shutil
+
+    from benchmarks.onnx_vs_torch import build_135m
+    from pipeline import artifacts, export
+
+    model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir)
+    template = model_dir / "chat_template.jinja"
+    if not template.exists():  # vllm_arguments passes --chat-template; completions never use it
+        shutil.copy(REPO / "pipeline" / "templates" / "chatml.jinja", template)
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    stop_ids = generation.get("eos_token_id")
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
+    serving = {"served_model_name": SERVED_NAME, "model": artifacts.MODEL_DIR, "max_model_len": max_model_len,
+               "chat_template": f"{artifacts.MODEL_DIR}/chat_template.jinja", "stop_token_ids": stop_ids,
+               "stop_tokens": [], "dtype": "float32", "lora": None}  # fmt: skip
+    (folder / export.SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
+    return folder
+
+
+def print_table(levels: list[int], hf: dict, vllm: dict, requests: dict[int, int]) -> None:
+    print(f"\n{'conc':>4} {'reqs':>4} | {'vLLM tok/s':>10} {'HF tok/s':>9} {'x HF':>6} | "
+          f"{'vLLM TTFT p50/p99 ms':>22} {'HF TTFT p50/p99':>18} | {'vLLM TPOT p50/p99':>18} {'HF TPOT p50/p99':>18}")  # fmt: skip
+    for c in levels:
+        v, h = vllm[c], hf[c]
+        print(f"{c:4d} {requests[c]:4d} | {v['tokens_per_s']:10.1f} {h['tokens_per_s']:9.1f} "
+              f"{v['tokens_per_s'] / h['tokens_per_s']:6.2f} | "
+              f"{v['ttft_p50_ms']:10.1f}/{v['ttft_p99_ms']:<11.1f} {h['ttft_p50_ms']:8.1f}/{h['ttft_p99_ms']:<9.1f} | "
+              f"{v['tpot_p50_ms']:8.1f}/{v['tpot_p99_ms']:<9.1f} {h['tpot_p50_ms']:8.1f}/{h['tpot_p99_ms']:<9.1f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml", help="recipe whose data stage holds the tokenizer")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-level", type=int, help="requests at each level (default: max(2 x concurrency, 4))")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and compute of both engines (the server's CPU default is float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="let vLLM compile the model (torch.compile) instead of the server's eager CPU default")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--server-log", type=Path, help="keep a copy of the vLLM server's log here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import artifacts
+    from pipeline.config import load_recipe
+
+    recipe = load_recipe(args.config)
+    tokenizer_dir = artifacts.require_stage(recipe.run_dir, "data", "benchmark", recipe) / artifacts.TOKENIZER_DIR
+    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    levels = sorted(set(args.concurrency))
+    requests = {c: args.requests_per_level or max(2 * c, 4) for c in levels}
+    prompts = {}
+    for c in levels:
+        rng = random.Random(c)
+        prompts[c] = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(requests[c])]
+    max_model_len = args.prompt_tokens + args.output_tokens + 16
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"prompts {args.prompt_tokens} tokens (random ids < {vocab}), outputs exactly {args.output_tokens} tokens, {args.dtype}, greedy")  # fmt: skip
+    load_before = os.getloadavg()
+    bandwidth = memory_bandwidth(args.bandwidth_gib)
+    print(f"memory bandwidth ({bandwidth['tensor_gib']:g} GiB float32, best of 7): read {bandwidth['read_gb_s']:.1f} GB/s, "
+          f"copy {bandwidth['copy_gb_s']:.1f} GB/s")  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
+        scratch = Path(scratch)
+        started = time.time()
+        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len)
+        print(f"built the random 135M model in {time.time() - started:.0f} s")
+
+        port = free_port()
+        log_path = scratch / "server.log"
+        server = start_server(artifact, args.config, port, log_path, args.dtype, args.compile)
+        hf, vllm, healthy_after = {}, {}, None
+        try:
+            healthy_after = wait_healthy(port, server, log_path)  # its error carries the end of the log
+            workers = server_cpus(server)
+            print(f"vLLM server healthy after {healthy_after:.0f} s; CPUs its worker threads are pinned to: {workers} "
+                  f"(HF: {torch.get_num_threads()} threads, unpinned)")  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(str(artifact / artifacts.MODEL_DIR), dtype=getattr(torch, args.dtype)).eval()
+            parameters = sum(p.numel() for p in model.parameters())
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            pad_id = model.generation_config.pad_token_id or 0
+            # Level by level, HF then vLLM (the idle server uses next to no CPU), so drift in background
+            # load on a shared machine hits both engines alike.
+            for c in levels:
+                hf[c] = hf_level(model, prompts[c], c, args.output_tokens, pad_id)
+                vllm[c] = asyncio.run(vllm_level(port, prompts[c], c, args.output_tokens))
+                print(f"  concurrency {c:3d}, {requests[c]} requests: HF {hf[c]['tokens_per_s']:6.1f} tok/s ({hf[c]['seconds']:.1f} s), "
+                      f"vLLM {vllm[c]['tokens_per_s']:6.1f} tok/s ({vllm[c]['seconds']:.1f} s)", flush=True)  # fmt: skip
+            del model
+        except BaseException:
+            if healthy_after is not None and server.poll() is not None:
+                print(f"the server exited with code {server.returncode}; the end of its log:\n{log_tail(log_path)}", file=sys.stderr)
+            raise
+        finally:
+            left = stop_server(server)
+            if args.server_log and log_path.exists():
+                args.server_log.write_text(log_path.read_text(errors="replace"))
+            if left:
+                print(f"WARNING: server processes still running after SIGKILL: {left}", file=sys.stderr)
+
+    load_after = os.getloadavg()
+    print_table(levels, hf, vllm, requests)
+    ceiling = bandwidth["read_gb_s"] * 1e9 / model_bytes
+    print(f"\nmodel: {parameters / 1e6:.1f}M parameters, {model_bytes / 1e6:.0f} MB {args.dtype}; batch-1 decode ceiling at "
+          f"{bandwidth['read_gb_s']:.1f} GB/s read bandwidth = {ceiling:.1f} tok/s")  # fmt: skip
+    batch1 = {}
+    if 1 in levels:
+        for name, results in (("vLLM", vllm), ("HF", hf)):
+            decode = 1000 / results[1]["tpot_p50_ms"]
+            batch1[name] = {"decode_tokens_per_s": decode, "fraction_of_ceiling": decode / ceiling}
+            print(f"  {name:4} batch-1 decode {decode:6.1f} tok/s (1 / TPOT p50) = {decode / ceiling:.2f} of the bandwidth limit")
+
+    busy = " (other work was running before: read the ratios with care)" if load_before[0] > 0.5 else ""
+    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs{busy}")
+
+    goal_level = 32
+    if goal_level in levels:
+        ratio = vllm[goal_level]["tokens_per_s"] / hf[goal_level]["tokens_per_s"]
+        verdict = "MET" if ratio >= GOAL_RATIO else "NOT MET"
+        summary = (f"goal {verdict}: vLLM server {vllm[goal_level]['tokens_per_s']:.1f} tok/s vs HF "
+                   f"{hf[goal_level]['tokens_per_s']:.1f} tok/s at concurrency {goal_level} = {ratio:.2f}x (goal >= {GOAL_RATIO:g}x)")  # fmt: skip
+    else:
+        top = levels[-1]
+        ratio = vllm[top]["tokens_per_s"] / hf[top]["tokens_per_s"]
+        summary = f"goal not checked (needs concurrency {goal_level}): vLLM server {ratio:.2f}x HF at concurrency {top}"
+    print(f"\n{summary}")
+
+    if args.json:
+        record = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "torch_threads": torch.get_num_threads(), "vllm_worker_cpus": workers,
+                  "load_average_before": load_before, "load_average_after": load_after,
+                  "requests_per_level": requests, "parameters": parameters, "model_bytes": model_bytes,
+                  "bandwidth": bandwidth, "batch1_ceiling_tokens_per_s": ceiling, "batch1": batch1,
+                  "hf": hf, "vllm": vllm, "summary": summary}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
