@@ -361,7 +361,7 @@ def train_and_save(
     state = processes()
     stopper = StopOnSignal()
     trainer.add_callback(stopper.callback)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
@@ -371,7 +371,7 @@ def train_and_save(
         if state.is_main_process:
             print(f"{stage.stage}: stopped by SIGTERM; saved {newest[-1] if newest else 'no checkpoint'}. Rerun the same command to resume.")
         return None
-    wall = time.time() - started
+    wall, cpu = time.time() - started, time.process_time() - cpu_started
     work = stage.work_dir
     model_dir = work / artifacts.MODEL_DIR
     trainer.save_model(str(model_dir))  # gathers sharded (ZeRO-3) weights; PEFT models save only the adapter
@@ -397,6 +397,7 @@ def train_and_save(
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / wall, 1) if wall > 0 else None,
         "train_seconds": round(wall, 2),
+        "train_cpu_seconds": round(cpu, 2),  # this process, all threads: wall time / cpu time shows core use
         "trainable_parameters": trainable,
         "processes": state.num_processes,
         "peak_memory_mb_per_process": memory,
