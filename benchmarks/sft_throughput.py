@@ -1,10 +1,13 @@
 """SFT throughput: the pipeline's SFT stage against a bare TRL SFTTrainer script, side by side.
 
-    python benchmarks/sft_throughput.py [--steps 200] [--repeats 8]
+    python benchmarks/sft_throughput.py [--steps 200] [--repeats 8] [--sequential]
 
-Both train the same base model on the same tokenized rows of the default recipe with the same settings,
-in ABBA order (pipeline, bare, bare, pipeline, ...) so machine noise and warm-up hit both alike. Tokens/s is
-non-padding tokens seen divided by the wall time of `trainer.train()` in each. Also reports the padding
+Both train the same base model on the same tokenized rows of the default recipe with the same settings. By
+default each pair runs at the same time, each program pinned to its own core with one thread, swapping cores
+every pair: the machine's neighbours then slow both alike (run one after the other, identical runs differ by
+up to 20% in wall time on this project's machines). --sequential runs them one after the other with every
+core each, in ABBA order (pipeline, bare, bare, pipeline, ...). Tokens/s is non-padding tokens seen divided by
+the wall time of `trainer.train()` in each; tokens per CPU-second is reported beside it. Also reports the padding
 fraction of the default data at the recipe's batch size, and real-token throughput with packing on and off.
 Exits 1 if the pipeline is slower than 0.95x bare TRL.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,22 +47,47 @@ print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen)
 """
 
 
-def run_pipeline_sft(config: str, overrides: list[str]) -> dict:
-    subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", config, "--force", *overrides], cwd=REPO,
-                   check=True, capture_output=True, text=True)  # fmt: skip
+def pipeline_command(config: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline.sft", "--config", config, "--force", *overrides]
+
+
+def pipeline_result(config: str, overrides: list[str]) -> dict:
     from pipeline import artifacts
     from pipeline.config import load_recipe
 
-    recipe = load_recipe(config, overrides)
-    metrics = artifacts.read_manifest(recipe.run_dir / "sft")["metrics"]
+    metrics = artifacts.read_manifest(load_recipe(config, overrides).run_dir / "sft")["metrics"]
     return {"tokens": metrics["tokens_seen"], "seconds": metrics["train_seconds"], "cpu_seconds": metrics["train_cpu_seconds"]}
 
 
-def run_bare_trl(run_dir: Path, steps: int, batch: int, lr: float, max_length: int, seed: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", BARE_TRL, str(run_dir), str(steps), str(batch), str(lr), str(max_length), str(seed)],
-                            cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+def bare_command(run_dir: Path, steps: int, batch: int, lr: float, max_length: int, seed: int) -> list[str]:
+    return [sys.executable, "-c", BARE_TRL, str(run_dir), str(steps), str(batch), str(lr), str(max_length), str(seed)]
+
+
+def bare_result(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
+
+
+def run_pipeline_sft(config: str, overrides: list[str]) -> dict:
+    subprocess.run(pipeline_command(config, overrides), cwd=REPO, check=True, capture_output=True, text=True)
+    return pipeline_result(config, overrides)
+
+
+def run_concurrently(commands: dict[str, list[str]], cores: dict[str, int]) -> dict[str, str]:
+    """Start the programs at once, each pinned to its own core with one thread; their stdout by name."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = {
+        name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda core=cores[name]: os.sched_setaffinity(0, {core}))
+        for name, command in commands.items()
+    }  # fmt: skip
+    outputs = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"{name} failed:\n{stderr[-3000:]}")
+        outputs[name] = stdout
+    return outputs
 
 
 def padding_fraction(run_dir: Path, batch: int, seed: int) -> float:
@@ -83,6 +112,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=8, help="runs of each; pairs alternate which goes first")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the pairs one after the other with all cores each (ABBA order) instead of at once, "
+                        "one core and one thread each; identical sequential runs differ by up to 20%% here")
     args = parser.parse_args()
 
     from pipeline import base, data
@@ -97,14 +129,22 @@ def main() -> None:
     lr = recipe.sft.trainer.get("learning_rate", 2e-5)
 
     pipeline_rates, bare_rates, cpu_ratios = [], [], []
+    pipeline_args = (args.config, common)
+    bare_args = (recipe.run_dir, args.steps, per_device, lr, recipe.data.max_length, recipe.run.seed)
     for repeat in range(args.repeats):
-        # ABBA order: whichever runs second in a pair must not always be the same program.
-        runs = {
-            "pipeline": lambda: run_pipeline_sft(args.config, common),
-            "bare": lambda: run_bare_trl(recipe.run_dir, args.steps, per_device, lr, recipe.data.max_length, recipe.run.seed),
-        }
-        order = ["pipeline", "bare"] if repeat % 2 == 0 else ["bare", "pipeline"]
-        measured = {name: runs[name]() for name in order}
+        if not args.sequential:
+            # Both at once, one core each, swapping cores every pair: the machine's neighbours slow both alike.
+            cores = {"pipeline": repeat % 2, "bare": 1 - repeat % 2}
+            out = run_concurrently({"pipeline": pipeline_command(*pipeline_args), "bare": bare_command(*bare_args)}, cores)
+            measured = {"pipeline": pipeline_result(*pipeline_args), "bare": bare_result(out["bare"])}
+        else:
+            # ABBA order: whichever runs second in a pair must not always be the same program.
+            order = ["pipeline", "bare"] if repeat % 2 == 0 else ["bare", "pipeline"]
+            runs = {
+                "pipeline": lambda: run_pipeline_sft(*pipeline_args),
+                "bare": lambda: bare_result(subprocess.run(bare_command(*bare_args), cwd=REPO, check=True, capture_output=True, text=True).stdout),
+            }
+            measured = {name: runs[name]() for name in order}
         pipeline_rates.append(measured["pipeline"]["tokens"] / measured["pipeline"]["seconds"])
         bare_rates.append(measured["bare"]["tokens"] / measured["bare"]["seconds"])
         # Tokens per CPU-second: what each program does with the CPU it gets, less exposed to the machine's
@@ -117,7 +157,8 @@ def main() -> None:
     unpacked = run_pipeline_sft(args.config, common + ["sft.packing=false"])
     packing_gain = (packed["tokens"] / packed["seconds"]) / (unpacked["tokens"] / unpacked["seconds"])
 
-    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} runs each in ABBA order")
+    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} runs each, "
+          f"{'in ABBA order' if args.sequential else 'pairs run at once, one core each, cores swapped every pair'}")
     print(f"  pipeline  tokens/s: {', '.join(f'{r:,.0f}' for r in pipeline_rates)}")
     print(f"  bare TRL  tokens/s: {', '.join(f'{r:,.0f}' for r in bare_rates)}")
     print(f"  ratio pipeline / bare TRL (median of pairs): {ratio:.3f}  (required >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
