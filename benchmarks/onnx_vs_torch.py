@@ -21,6 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.llama_135m import build_135m  # noqa: E402
+
 PROMPT_LENGTHS = (32, 256)  # the longer one shrinks to fit a model whose context is shorter than 256 + decode
 
 
@@ -29,18 +31,6 @@ def prompt_lengths(model_dir: Path, decode_tokens: int) -> tuple[int, int]:
 
     context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
     return PROMPT_LENGTHS[0], min(PROMPT_LENGTHS[1], context - decode_tokens - 1)
-
-
-def build_135m(folder: Path, tokenizer_dir: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
-    return folder
 
 
 def torch_timings(model_dir: Path, prompts: dict[int, list[int]], decode_tokens: int) -> dict[str, float]:

@@ -4,7 +4,7 @@
                                  [--prompt-tokens 64] [--requests-per-level N] [--json PATH] [--server-log PATH]
 
 The model is a Llama-architecture model of about 135M parameters with random weights (hidden 576, 30 layers,
-9 heads, 3 KV heads, vocab 49,152; `build_135m` of benchmarks/onnx_vs_torch.py), which the tiny default
+9 heads, 3 KV heads, vocab 49,152; benchmarks/llama_135m.py), which the tiny default
 (0.9M parameters) is too small to stand in for. It carries the default recipe's trained tokenizer (run
 `python -m pipeline.data` first); prompts are random token ids inside that tokenizer's vocabulary, all of
 --prompt-tokens length, so both engines see identical prompt token ids and HF needs no padding. Every
@@ -271,7 +271,7 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int) -> Pat
     """An export-shaped folder (pipeline/export.py's serving.json fields) holding the random 135M model."""
     import shutil
 
-    from benchmarks.onnx_vs_torch import build_135m
+    from benchmarks.llama_135m import build_135m
     from pipeline import artifacts, export
 
     model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir)
