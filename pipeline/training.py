@@ -216,10 +216,13 @@ def trainer_arguments(config_class: type, recipe: Recipe, section: TrainingSecti
     if not torch.cuda.is_available():
         # Mixed precision flags fail without a GPU ("Your setup doesn't support bf16/gpu"); CPU runs in the model dtype.
         fields.update(bf16=False, fp16=False)
-        # Without CUDA, accelerate initialises DeepSpeed with no process group backend and a single-process DDP
-        # launch trains each process alone: DeepSpeed needs gloo named, DDP needs the Trainer's CPU mode (and
-        # breaks with the backend named).
-        fields.update(ddp_backend="gloo") if current.kind == "deepspeed" else fields.update(use_cpu=True)
+        # Without CUDA, accelerate starts DeepSpeed with no process-group backend, and a DDP launch outside the
+        # Trainer's CPU mode trains each process alone: DeepSpeed needs gloo named, DDP (and a single process)
+        # needs the CPU mode, and breaks with the backend named.
+        if current.kind == "deepspeed":
+            fields["ddp_backend"] = "gloo"
+        else:
+            fields["use_cpu"] = True
     try:
         return config_class(**fields)
     except (ValueError, TypeError) as error:
