@@ -44,21 +44,19 @@ import json
 import math
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from serving import server_process  # noqa: E402
+
 SERVED_NAME = "llama-135m-random"
 API_KEY = "serving-benchmark"  # set explicitly, so a PIPELINE_API_KEY in the environment changes nothing
-STARTUP_SECONDS = 300
 GOAL_RATIO = 2.0
 
 
@@ -183,17 +181,6 @@ async def vllm_level(port: int, prompts: list[list[int]], concurrency: int, outp
     return summarize(sum(n for *_, n in results), seconds, ttft, tpot)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(log_path: Path, lines: int = 40) -> str:
-    text = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    return "\n".join(text[-lines:])
-
-
 def start_server(artifact: Path, config: str, port: int, log_path: Path, dtype: str, compile_graphs: bool) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the server's own default, stated here for the record
@@ -204,45 +191,6 @@ def start_server(artifact: Path, config: str, port: int, log_path: Path, dtype: 
              *(["--no-enforce-eager"] if compile_graphs else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-
-
-def wait_healthy(port: int, server: subprocess.Popen, log_path: Path) -> float:
-    started = time.time()
-    while time.time() - started < STARTUP_SECONDS:
-        if server.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with code {server.returncode} before it became healthy; "
-                               f"the end of {log_path}:\n{log_tail(log_path)}")  # fmt: skip
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return time.time() - started
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the vLLM server was not healthy within {STARTUP_SECONDS} s; the end of {log_path}:\n{log_tail(log_path)}")
-
-
-def stop_server(server: subprocess.Popen) -> list[int]:
-    """SIGTERM and wait; SIGKILL the process group and any straggler after a grace period. The pids left over."""
-    import psutil
-
-    try:
-        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    _, alive = psutil.wait_procs(family, timeout=30)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    return [p.pid for p in alive]
 
 
 def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
@@ -346,12 +294,12 @@ def main() -> None:
         artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len)
         print(f"built the random 135M model in {time.time() - started:.0f} s")
 
-        port = free_port()
+        port = server_process.free_port()
         log_path = scratch / "server.log"
         server = start_server(artifact, args.config, port, log_path, args.dtype, args.compile)
         hf, vllm, healthy_after = {}, {}, None
         try:
-            healthy_after = wait_healthy(port, server, log_path)  # its error carries the end of the log
+            healthy_after = server_process.wait_healthy(port, server, log_path)  # its error carries the end of the log
             workers = server_cpus(server)
             print(f"vLLM server healthy after {healthy_after:.0f} s; CPUs its worker threads are pinned to: {workers} "
                   f"(HF: {torch.get_num_threads()} threads, unpinned)")  # fmt: skip
@@ -369,10 +317,10 @@ def main() -> None:
             del model
         except BaseException:
             if healthy_after is not None and server.poll() is not None:
-                print(f"the server exited with code {server.returncode}; the end of its log:\n{log_tail(log_path)}", file=sys.stderr)
+                print(f"the server exited with code {server.returncode}; the end of its log:\n{server_process.log_tail(log_path)}", file=sys.stderr)
             raise
         finally:
-            left = stop_server(server)
+            left = server_process.stop(server)
             if args.server_log and log_path.exists():
                 args.server_log.write_text(log_path.read_text(errors="replace"))
             if left:

@@ -10,39 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 
 from pipeline import artifacts, engines
 from pipeline.cli import DEFAULT_CONFIG, run_cli
 from pipeline.config import load_recipe
-from pipeline.errors import PipelineError
-
-STARTUP_SECONDS = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(port: int, server: subprocess.Popen) -> None:
-    deadline = time.time() + STARTUP_SECONDS
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise PipelineError(f"the vLLM server exited with code {server.returncode} before it became healthy.")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise PipelineError(f"the vLLM server was not healthy within {STARTUP_SECONDS} s.")
+from serving import server_process
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -52,11 +28,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(args.config)
     export_dir = artifacts.require_stage(recipe.run_dir, "export", "demo", recipe)
     prompts, references, _ = engines.held_out_conversations(recipe.run_dir / "data", 1)
-    port = _free_port()
+    port = server_process.free_port()
     started = time.time()
     server = subprocess.Popen([sys.executable, "-m", "serving.vllm_server", "--config", args.config, "--port", str(port)])
     try:
-        _wait_healthy(port, server)
+        server_process.wait_healthy(port, server)
         from openai import OpenAI
 
         name = json.loads((export_dir / "serving.json").read_text())["served_model_name"]
@@ -64,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reply = client.chat.completions.create(model=name, messages=prompts[0], temperature=0)
         answer = reply.choices[0].message.content
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        server_process.stop(server)
     print(f"\nserved {name} (healthy after {time.time() - started:.0f} s), asked one held-out question:")
     print(f"  question:  {prompts[0][-1]['content']}\n  reference: {references[0]}\n  answer:    {answer}\n")
     metrics = json.loads((recipe.run_dir / "eval" / "metrics.json").read_text())

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from pipeline import base, chat, data, engines, export, sft
 from pipeline.config import load_recipe
 from pipeline.errors import ConfigError
+from serving import server_process
 
 from conftest import REPO
 
@@ -24,28 +23,6 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 240) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} not healthy within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +33,18 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     for stage in (data, base, sft):
         stage.run(recipe)
     artifact = export.run(recipe, targets=["hf"])
-    port = free_port()
+    port = server_process.free_port()
     log = open(output / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), "--port", str(port), "--api-key", API_KEY],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        server_process.wait_healthy(port, process, output / "server.log", timeout=240)
         yield {"process": process, "port": port, "artifact": artifact, "recipe": recipe, "log": output / "server.log",
                "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)}  # fmt: skip
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        server_process.stop(process)
         log.close()
 
 
@@ -157,7 +132,7 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
     pytest.importorskip("gradio")
     from gradio_client import Client
 
-    port = free_port()
+    port = server_process.free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "serving.chat_ui", "--base-url", f"http://127.0.0.1:{server['port']}/v1",
          "--model", served_name(server), "--ui-port", str(port)],
@@ -165,7 +140,7 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
         start_new_session=True,
     )  # fmt: skip
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/", ui, timeout=120)
+        server_process.wait_healthy(port, ui, timeout=120, route="/")
         question = "What kind of thing is falcon?"
         answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(question, api_name="/respond")
         expected = server["client"].chat.completions.create(
@@ -173,8 +148,7 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
         ).choices[0].message.content
         assert answer == expected
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        server_process.stop(ui, grace=30)
 
 
 def test_sigterm_stops_the_server_with_nothing_left_behind(server) -> None:
