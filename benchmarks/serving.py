@@ -1,7 +1,8 @@
 """Serving throughput: the vLLM server (serving/vllm_server.py) against batched HF `generate`, side by side.
 
     python benchmarks/serving.py [--config configs/tiny.yaml] [--concurrency 1 8 32] [--output-tokens 64]
-                                 [--prompt-tokens 64] [--requests-per-level N] [--json PATH] [--server-log PATH]
+                                 [--prompt-tokens 64] [--requests-per-level N] [--dtype D] [--eager]
+                                 [--json PATH] [--server-log PATH]
 
 The model is a Llama-architecture model of about 135M parameters with random weights (hidden 576, 30 layers,
 9 heads, 3 KV heads, vocab 49,152; benchmarks/llama_135m.py), which the tiny default
@@ -9,13 +10,15 @@ The model is a Llama-architecture model of about 135M parameters with random wei
 `python -m pipeline.data` first); prompts are random token ids inside that tokenizer's vocabulary, all of
 --prompt-tokens length, so both engines see identical prompt token ids and HF needs no padding. Every
 request produces exactly --output-tokens tokens (vLLM: `ignore_eos` + `min_tokens`; HF: min_new_tokens =
-max_new_tokens), greedy, in the same dtype in both: float32 by default (the server's CPU default, see
-`vllm_arguments`), or --dtype bfloat16. --compile lets vLLM compile the model instead of running eagerly.
+max_new_tokens), greedy, in the same dtype in both: bfloat16 where the CPU computes it natively (avx512_bf16 or
+amx_bf16), float32 elsewhere, or --dtype. The server is started as a deployment tuned for throughput would
+start it: the export's serving.json names the dtype, and `-- --no-enforce-eager` lets vLLM compile the model;
+--eager measures the server's default eager mode instead (faster start, slower steps).
 
 What each number measures, per concurrency level C with R requests (default R = max(2C, 4)):
   vLLM  the server started as `python -m serving.vllm_server --artifact <folder>` with a serving.json written
-        here, driven over loopback by the `openai` client (AsyncOpenAI, streaming /v1/completions with token-id
-        prompts), C requests in flight at all times until R are done. tok/s = output tokens of all R requests
+        here, driven over loopback by an aiohttp client (streaming /v1/completions with token-id prompts, as
+        `vllm bench serve` does), C requests in flight at all times until R are done. tok/s = output tokens of all R requests
         / wall time from the first request sent to the last one finished. TTFT = request sent -> first
         streamed token received; TPOT = (last token - first token) / (tokens - 1), per request. The client
         runs on the same cores as the server, so its cost is in the server's numbers.
@@ -25,10 +28,12 @@ What each number measures, per concurrency level C with R requests (default R = 
         No queueing: every request of a batch starts at once.
 p50/p99 are over the R requests of a level (with few requests p99 is close to the maximum). The engines
 take turns level by level (HF, then vLLM, while the server idles), so drifting background load on a shared
-machine hits both alike; each gets a short warm-up per level. HF uses torch's default threads (all cores);
-the server uses what vLLM's CPU backend picks: it pins its worker's threads, and on hosts of up to 4 CPUs the
-server stops it from keeping one CPU back for its engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU=0); the
-output prints the CPUs the worker's threads are pinned to. The load average before and after is printed: on a shared machine, read the ratios with it.
+machine hits both alike; each gets a short warm-up per level on prompts of its own (never the measured ones,
+so vLLM's prefix cache cannot skip measured prefill). HF uses torch's default threads (all cores); the server
+uses what vLLM's CPU backend picks, with the server's small-host settings (serving/vllm_server.py: on up to 4
+CPUs no CPU kept back for the engine process and the model run inside it); the output prints the CPUs the
+model's threads may run on. The load average before and after is printed: on a shared machine, read the
+ratios with it.
 
 Also measures this machine's memory bandwidth in the same run (torch sum over a large float32 tensor, best
 of several) and reports batch-1 decode speed of each engine against the bandwidth limit for the model's
@@ -79,6 +84,15 @@ def summarize(tokens: int, seconds: float, ttft: list[float], tpot: list[float])
     }
 
 
+def native_dtype() -> str:
+    """bfloat16 where the CPU has bfloat16 instructions (avx512_bf16, amx_bf16): what one would serve in there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def memory_bandwidth(gib: float, repeats: int = 7) -> dict[str, float]:
     """Best-of-N read (sum) and copy bandwidth of a float32 tensor far larger than the caches, in GB/s."""
     import torch
@@ -100,7 +114,7 @@ def memory_bandwidth(gib: float, repeats: int = 7) -> dict[str, float]:
     return {"tensor_gib": gib, "read_gb_s": nbytes / min(reads) / 1e9, "copy_gb_s": 2 * nbytes / min(copies) / 1e9}
 
 
-def hf_level(model, prompts: list[list[int]], batch: int, output_tokens: int, pad_id: int) -> dict[str, float]:
+def hf_level(model, prompts: list[list[int]], warmup: list[list[int]], batch: int, output_tokens: int, pad_id: int) -> dict[str, float]:
     import torch
 
     def generate(ids: list[list[int]], new_tokens: int) -> float:
@@ -113,7 +127,7 @@ def hf_level(model, prompts: list[list[int]], batch: int, output_tokens: int, pa
         return seconds
 
     with torch.no_grad():
-        generate(prompts[:batch], 2)  # warm-up at this batch size
+        generate(warmup, 2)
         total_seconds, ttft, tpot = 0.0, [], []
         for first in range(0, len(prompts), batch):
             chunk = prompts[first : first + batch]
@@ -125,84 +139,95 @@ def hf_level(model, prompts: list[list[int]], batch: int, output_tokens: int, pa
     return summarize(len(prompts) * output_tokens, total_seconds, ttft, tpot)
 
 
-async def vllm_level(port: int, prompts: list[list[int]], concurrency: int, output_tokens: int) -> dict[str, float]:
+async def vllm_level(port: int, prompts: list[list[int]], warmup: list[list[int]], concurrency: int, output_tokens: int) -> dict[str, float]:
     """Closed loop: `concurrency` clients, each sending its next request when its last one finished. Tokens are
     counted from the streamed token ids (`return_token_ids`), not the text: most ids of the random model's
-    49,152-entry vocabulary are outside the small tokenizer and decode to nothing."""
-    from openai import AsyncOpenAI
+    49,152-entry vocabulary are outside the small tokenizer and decode to nothing.
 
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=600)
-    async def one(prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
-        sent = time.perf_counter()
+    The client is aiohttp reading the server-sent events with `json`, as vLLM's own `vllm bench serve` does: it
+    shares the cores with the server here, where a real client would not. The `openai` SDK's per-chunk objects
+    cost five times its CPU time (1.0 vs 0.2 s for 64 requests at concurrency 32), which took 8% off the
+    server's tokens/s on 2 cores (the serving tests use the SDK)."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def one(session: aiohttp.ClientSession, prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
+        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": tokens,
+                "return_token_ids": True}  # fmt: skip
         first = last = None
         received = 0
         usage = None
-        stream = await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True, "min_tokens": tokens, "return_token_ids": True})  # fmt: skip
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if not chunk.choices:
-                continue
-            ids = (chunk.choices[0].model_extra or {}).get("token_ids") or []
-            if ids:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                received += len(ids)
-        if usage is not None and usage.completion_tokens != received:
-            raise RuntimeError(f"streamed {received} token ids but usage says {usage.completion_tokens}")
+        sent = time.perf_counter()
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                raise RuntimeError(f"the server answered {response.status}: {await response.text()}")
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                choices = chunk.get("choices") or []
+                ids = (choices[0].get("token_ids") or []) if choices else []
+                if ids:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    received += len(ids)
+        if usage is not None and usage["completion_tokens"] != received:
+            raise RuntimeError(f"streamed {received} token ids but usage says {usage['completion_tokens']}")
         if received != tokens:
             raise RuntimeError(f"the server produced {received} tokens, asked for exactly {tokens}")
         return sent, first, last, received
 
-    async def run(items: list[list[int]], tokens: int) -> list[tuple[float, float, float, int]]:
+    async def run(session: aiohttp.ClientSession, items: list[list[int]], tokens: int) -> list[tuple[float, float, float, int]]:
         queue = list(enumerate(items))
         results: list = [None] * len(items)
 
         async def worker() -> None:
             while queue:
                 index, prompt = queue.pop(0)
-                results[index] = await one(prompt, tokens)
+                results[index] = await one(session, prompt, tokens)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return results
 
-    try:
-        await run(prompts[:concurrency], 2)  # warm-up at this concurrency
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as session:
+        await run(session, warmup, 2)
         start = time.perf_counter()
-        results = await run(prompts, output_tokens)
+        results = await run(session, prompts, output_tokens)
         seconds = time.perf_counter() - start
-    finally:
-        await client.close()
     ttft = [first - sent for sent, first, _, _ in results]
     tpot = [(last - first) / max(n - 1, 1) for _, first, last, n in results]
     return summarize(sum(n for *_, n in results), seconds, ttft, tpot)
 
 
-def start_server(artifact: Path, config: str, port: int, log_path: Path, dtype: str, compile_graphs: bool) -> subprocess.Popen:
+def start_server(artifact: Path, config: str, port: int, log_path: Path, compile_graphs: bool) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the server's own default, stated here for the record
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "serving.vllm_server", "--config", config, "--artifact", str(artifact),
-             "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--", "--dtype", dtype,
-             *(["--no-enforce-eager"] if compile_graphs else [])],
+             "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+             *(["--", "--no-enforce-eager"] if compile_graphs else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
 
 def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
-    """The CPUs the threads of each vLLM worker process may run on (the union over its threads).
+    """The CPUs the threads of each vLLM process running the model may run on (the union over its threads).
 
-    vLLM's CPU backend pins each OpenMP thread of its worker to one CPU and, by default, keeps CPUs back for its
-    engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU), so on a small machine the model may get fewer cores
-    than HF, which uses all of them."""
+    vLLM's CPU backend runs the model in worker processes whose OpenMP threads it pins one to a CPU, and by
+    default keeps CPUs back for its engine-core process (VLLM_CPU_NUM_OF_RESERVED_CPU), so on a small machine
+    the model may get fewer cores than HF, which uses all of them. On small hosts the server runs the model
+    inside the engine-core process instead."""
     import psutil
 
     children = psutil.Process(server.pid).children(recursive=True)
-    workers = [p for p in children if "Worker" in p.name()] or children
+    workers = [p for p in children if "Worker" in p.name()] or [p for p in children if "EngineCore" in p.name()] or children
     out = {}
     for process in workers:
         cpus: set[int] = set()
@@ -215,7 +240,7 @@ def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
     return out
 
 
-def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int) -> Path:
+def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype: str) -> Path:
     """An export-shaped folder (pipeline/export.py's serving.json fields) holding the random 135M model."""
     import shutil
 
@@ -231,7 +256,7 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int) -> Pat
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
     serving = {"served_model_name": SERVED_NAME, "model": artifacts.MODEL_DIR, "max_model_len": max_model_len,
                "chat_template": f"{artifacts.MODEL_DIR}/chat_template.jinja", "stop_token_ids": stop_ids,
-               "stop_tokens": [], "dtype": "float32", "lora": None}  # fmt: skip
+               "stop_tokens": [], "dtype": dtype, "lora": None}  # fmt: skip
     (folder / export.SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
     return folder
 
@@ -254,10 +279,11 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--requests-per-level", type=int, help="requests at each level (default: max(2 x concurrency, 4))")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights and compute of both engines (the server's CPU default is float32)")
-    parser.add_argument("--compile", action="store_true",
-                        help="let vLLM compile the model (torch.compile) instead of the server's eager CPU default")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=native_dtype(),
+                        help="weights and compute of both engines (default: bfloat16 where the CPU computes it "
+                             "natively, here %(default)s)")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the server in its default eager mode instead of letting vLLM compile the model")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server-log", type=Path, help="keep a copy of the vLLM server's log here")
@@ -275,10 +301,11 @@ def main() -> None:
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     levels = sorted(set(args.concurrency))
     requests = {c: args.requests_per_level or max(2 * c, 4) for c in levels}
-    prompts = {}
+    prompts, warmups = {}, {}
     for c in levels:
         rng = random.Random(c)
         prompts[c] = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(requests[c])]
+        warmups[c] = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(c)]
     max_model_len = args.prompt_tokens + args.output_tokens + 16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
@@ -291,17 +318,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
         scratch = Path(scratch)
         started = time.time()
-        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len)
+        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len, args.dtype)
         print(f"built the random 135M model in {time.time() - started:.0f} s")
 
         port = server_process.free_port()
         log_path = scratch / "server.log"
-        server = start_server(artifact, args.config, port, log_path, args.dtype, args.compile)
+        server = start_server(artifact, args.config, port, log_path, compile_graphs=not args.eager)
         hf, vllm, healthy_after = {}, {}, None
         try:
             healthy_after = server_process.wait_healthy(port, server, log_path)  # its error carries the end of the log
             workers = server_cpus(server)
-            print(f"vLLM server healthy after {healthy_after:.0f} s; CPUs its worker threads are pinned to: {workers} "
+            print(f"vLLM server ({'eager' if args.eager else 'compiled'}) healthy after {healthy_after:.0f} s; CPUs the threads running its model may use: {workers} "
                   f"(HF: {torch.get_num_threads()} threads, unpinned)")  # fmt: skip
             model = AutoModelForCausalLM.from_pretrained(str(artifact / artifacts.MODEL_DIR), dtype=getattr(torch, args.dtype)).eval()
             parameters = sum(p.numel() for p in model.parameters())
@@ -310,8 +337,8 @@ def main() -> None:
             # Level by level, HF then vLLM (the idle server uses next to no CPU), so drift in background
             # load on a shared machine hits both engines alike.
             for c in levels:
-                hf[c] = hf_level(model, prompts[c], c, args.output_tokens, pad_id)
-                vllm[c] = asyncio.run(vllm_level(port, prompts[c], c, args.output_tokens))
+                hf[c] = hf_level(model, prompts[c], warmups[c], c, args.output_tokens, pad_id)
+                vllm[c] = asyncio.run(vllm_level(port, prompts[c], warmups[c], c, args.output_tokens))
                 print(f"  concurrency {c:3d}, {requests[c]} requests: HF {hf[c]['tokens_per_s']:6.1f} tok/s ({hf[c]['seconds']:.1f} s), "
                       f"vLLM {vllm[c]['tokens_per_s']:6.1f} tok/s ({vllm[c]['seconds']:.1f} s)", flush=True)  # fmt: skip
             del model
