@@ -207,7 +207,6 @@ async def vllm_level(port: int, prompts: list[list[int]], warmup: list[list[int]
 
 def start_server(artifact: Path, config: str, port: int, log_path: Path, compile_graphs: bool) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the server's own default, stated here for the record
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "serving.vllm_server", "--config", config, "--artifact", str(artifact),
@@ -241,7 +240,7 @@ def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
 
 
 def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype: str) -> Path:
-    """An export-shaped folder (pipeline/export.py's serving.json fields) holding the random 135M model."""
+    """An export-shaped folder (serving.json from export.write_serving_file) holding the random 135M model."""
     import shutil
 
     from benchmarks.llama_135m import build_135m
@@ -254,10 +253,8 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype:
     generation = json.loads((model_dir / "generation_config.json").read_text())
     stop_ids = generation.get("eos_token_id")
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
-    serving = {"served_model_name": SERVED_NAME, "model": artifacts.MODEL_DIR, "max_model_len": max_model_len,
-               "chat_template": f"{artifacts.MODEL_DIR}/chat_template.jinja", "stop_token_ids": stop_ids,
-               "stop_tokens": [], "dtype": dtype, "lora": None}  # fmt: skip
-    (folder / export.SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n")
+    export.write_serving_file(folder, served_model_name=SERVED_NAME, max_model_len=max_model_len, dtype=dtype,
+                              stop_ids=stop_ids, stop_tokens=[], lora=None)  # fmt: skip
     return folder
 
 

@@ -168,17 +168,22 @@ def _onnx_parity(model_dir: Path, onnx_dir: Path, ids: list[list[int]], max_new_
     }
 
 
-def _serving_record(recipe: Recipe, stop_ids: list[int], tokenizer: Any, adapter: dict[str, str] | None) -> dict[str, Any]:
-    return {
-        "served_model_name": recipe.serve.served_model_name or recipe.run.name,
+def write_serving_file(
+    folder: Path, *, served_model_name: str, max_model_len: int, dtype: str, stop_ids: list[int], stop_tokens: list[str],
+    lora: dict[str, str] | None,
+) -> None:
+    """The serving.json `serving.vllm_server` starts vLLM from: paths are relative to `folder`."""
+    record = {
+        "served_model_name": served_model_name,
         "model": artifacts.MODEL_DIR,
-        "max_model_len": recipe.data.max_length,
+        "max_model_len": max_model_len,
         "chat_template": f"{artifacts.MODEL_DIR}/chat_template.jinja",
         "stop_token_ids": stop_ids,
-        "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
-        "dtype": recipe.model.dtype,
-        "lora": adapter,
+        "stop_tokens": stop_tokens,
+        "dtype": dtype,
+        "lora": lora,
     }
+    (folder / SERVING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def run(recipe: Recipe, *, force: bool = False, targets: Sequence[str] | None = None) -> Path:
@@ -234,7 +239,10 @@ def run(recipe: Recipe, *, force: bool = False, targets: Sequence[str] | None = 
     if recipe.export.adapter_only and adapter is not None:
         shutil.copytree(adapter, work / ADAPTER_DIR)
         lora = {"name": f"{recipe.serve.served_model_name or recipe.run.name}-lora", "path": ADAPTER_DIR, "base_model": str(Path(base).resolve())}
-    (work / SERVING_FILE).write_text(json.dumps(_serving_record(recipe, stop_ids, tokenizer, lora), indent=2) + "\n")
+    write_serving_file(
+        work, served_model_name=recipe.serve.served_model_name or recipe.run.name, max_model_len=recipe.data.max_length,
+        dtype=recipe.model.dtype, stop_ids=stop_ids, stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids), lora=lora,
+    )  # fmt: skip
 
     if "onnx" in targets:
         checks["onnx"] = {}
