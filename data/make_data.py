@@ -1,11 +1,19 @@
-"""Generate the shipped default data: small instruction tasks with exactly checkable answers.
+"""Generate the shipped default data: small tasks with exactly checkable answers, one file per kind of teaching.
 
-Every task is one a model of a million parameters learns in a few CPU minutes: word categories and
-opposites (facts seen under other phrasings in training), parity, comparing digits, counting words. Held-out
-prompts are new phrasings or new numbers, so exact match measures learning. Preference pairs set the correct
-answer against a plausible wrong one (another category, the word itself, the other parity, off by one).
+- `sft.jsonl`: instruction tasks a model of a million parameters learns in a few CPU minutes (word categories,
+  opposites, parity, counting words, repeating a word), some with a system prompt and some two-turn.
+- `tools.jsonl`: tool use in OpenAI's shape. Two tools are declared (`get_weather`, `get_daytime`); the model must
+  call the right one with the city as its argument, then answer with what the tool returned. Some rows declare
+  the tools for a question that needs none, which must be answered directly.
+- `preference.jsonl`: the SFT tasks again as pairs, the correct answer against a plausible wrong one, and
+  questions a tool answers, where calling it is preferred over an answer nobody checked.
+- `abstain.jsonl`: a behaviour only the preference data shows. Asked about a word it was never taught (a made-up
+  one), the model should answer "unknown" instead of guessing a category or an opposite. SFT never sees such a
+  question, so the SFT model guesses; DPO on these pairs teaches it to abstain.
 
-Deterministic: the same seed writes byte-identical files. Run `python data/make_data.py` to regenerate.
+Held-out prompts are new phrasings, new numbers, new cities-and-results or new made-up words, so the held-out
+metrics measure learning. Deterministic: the same seed writes byte-identical files.
+Run `python data/make_data.py` to regenerate.
 """
 
 from __future__ import annotations
@@ -32,11 +40,43 @@ OPPOSITES = dict(
     ).split()
 )
 OPPOSITES.update({b: a for a, b in list(OPPOSITES.items())})
+CATEGORY_PROMPTS = ("What kind of thing is {w}?", "Is {w} an animal, a color, a fruit, a tool or a place?", "Classify the word {w}.")
+OPPOSITE_PROMPTS = ("What is the opposite of {w}?", "Give the antonym of {w}.", "Opposite of {w}?")
 
 SYSTEM_PROMPTS = (
     "You are a precise assistant. Answer with the result only.",
     "Reply with just the answer.",
 )
+
+CITIES = "Paris Tokyo Lima Cairo Oslo Rome Delhi Quito Seoul Dakar Hanoi Perth Madrid Nairobi Lagos Sydney Boston Denver".split()
+TOOLS = {  # name: (description, possible results, phrasings of a question that needs it)
+    "get_weather": (
+        "Current weather in a city.",
+        "sunny rainy cloudy windy snowy foggy".split(),
+        ("What is the weather in {c}?", "How is the weather in {c} today?", "Weather in {c}?", "Is it raining in {c}?"),
+    ),
+    "get_daytime": (
+        "Current time of day in a city.",
+        "morning noon evening night".split(),
+        ("What time of day is it in {c}?", "Is it day or night in {c}?", "Time of day in {c}?", "Is it morning in {c}?"),
+    ),
+}
+TOOL_SCHEMAS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    for name, (description, _, _) in TOOLS.items()
+]
+
+# Made-up words for the abstention pairs: never one of the words the tasks teach.
+SYLLABLES = "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko lu ma me mi mo nu pa pe pi po ra re ri ro su ta te ti to va ve vi vo za zo".split()
+KNOWN_WORDS = set(WORDS) | set(OPPOSITES)
+UNKNOWN = "unknown"
 
 
 def _word_list(rng: random.Random) -> list[str]:
@@ -45,30 +85,19 @@ def _word_list(rng: random.Random) -> list[str]:
 
 def task_category(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
-    prompt = rng.choice(
-        ["What kind of thing is {w}?", "Is {w} an animal, a color, a fruit, a tool or a place?", "Classify the word {w}."]
-    ).format(w=word)
     answer = CATEGORY_OF[word]
-    return prompt, answer, rng.choice([c for c in CATEGORIES if c != answer])
+    return rng.choice(CATEGORY_PROMPTS).format(w=word), answer, rng.choice([c for c in CATEGORIES if c != answer])
 
 
 def task_opposite(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(sorted(OPPOSITES))
-    prompt = rng.choice(["What is the opposite of {w}?", "Give the antonym of {w}.", "Opposite of {w}?"]).format(w=word)
-    return prompt, OPPOSITES[word], word
+    return rng.choice(OPPOSITE_PROMPTS).format(w=word), OPPOSITES[word], word
 
 
 def task_parity(rng: random.Random) -> tuple[str, str, str]:
     n = rng.randrange(10000)
     prompt = rng.choice(["Is {n} even or odd?", "Tell me whether {n} is odd or even.", "Parity of {n}?"]).format(n=n)
     answer, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
-    return prompt, answer, wrong
-
-
-def task_compare(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.sample(range(10), 2)
-    prompt = rng.choice(["Is {a} greater than {b}?", "Is {a} bigger than {b}?", "{a} > {b}, true?"]).format(a=a, b=b)
-    answer, wrong = ("yes", "no") if a > b else ("no", "yes")
     return prompt, answer, wrong
 
 
@@ -80,7 +109,16 @@ def task_count(rng: random.Random) -> tuple[str, str, str]:
     return prompt, str(len(words)), str(len(words) + rng.choice([-1, 1]))
 
 
-TASKS = (task_category, task_opposite, task_parity, task_compare, task_count)
+def task_echo(rng: random.Random) -> tuple[str, str, str]:
+    """Repeat a word: the copying the tool task needs (a call's argument, an answer read off a tool's result),
+    practised on its own. Without it the model learns to call tools but answers by guessing."""
+    pool = WORDS + CITIES + [result for _, results, _ in TOOLS.values() for result in results]
+    word = rng.choice(pool)
+    prompt = rng.choice(["Repeat the word {w}.", "Say {w}.", "Echo: {w}"]).format(w=word)
+    return prompt, word, rng.choice([other for other in WORDS if other != word])
+
+
+TASKS = (task_category, task_opposite, task_parity, task_count, task_echo)
 
 
 def _unique(make_row, rng: random.Random, count: int) -> list[dict]:
@@ -106,26 +144,78 @@ def sft_row(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
+def _tool_question(rng: random.Random) -> tuple[str, str, str, dict]:
+    """A question one of the tools answers: (prompt, tool, city, the assistant turn that calls it)."""
+    name = rng.choice(sorted(TOOLS))
+    city = rng.choice(CITIES)
+    call = {"type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}
+    return rng.choice(TOOLS[name][2]).format(c=city), name, city, {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def tool_row(rng: random.Random) -> dict:
+    """A question that needs a tool: call it, read its result, answer with it. One in five needs no tool."""
+    if rng.random() < 0.2:
+        prompt, answer, _ = rng.choice(TASKS)(rng)
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "tools": TOOL_SCHEMAS}
+    prompt, name, _, call = _tool_question(rng)
+    result = rng.choice(TOOLS[name][1])
+    messages = [
+        {"role": "user", "content": prompt},
+        call,
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": result},
+    ]
+    return {"messages": messages, "tools": TOOL_SCHEMAS}
+
+
 def preference_row(rng: random.Random) -> dict:
+    """A task, right against wrong; one in five a question a tool answers, where calling the tool is preferred
+    over an unchecked answer (so preference tuning keeps the model calling tools)."""
+    if rng.random() < 0.2:
+        prompt, name, _, call = _tool_question(rng)
+        unchecked = rng.choice([UNKNOWN, rng.choice(TOOLS[name][1])])
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [call],
+                "rejected": [{"role": "assistant", "content": unchecked}], "tools": TOOL_SCHEMAS}
     prompt, answer, wrong = rng.choice(TASKS)(rng)
     return {"prompt": prompt, "chosen": answer, "rejected": wrong}
+
+
+def made_up_word(rng: random.Random) -> str:
+    while True:
+        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + rng.choice(["", "n", "x", "r", "l"])
+        if word not in KNOWN_WORDS:
+            return word
+
+
+def abstain_row(rng: random.Random) -> dict:
+    """A category or opposite question about a made-up word: "unknown" is preferred over a confident guess."""
+    word = made_up_word(rng)
+    if rng.random() < 0.5:
+        return {"prompt": rng.choice(CATEGORY_PROMPTS).format(w=word), "chosen": UNKNOWN, "rejected": rng.choice(list(CATEGORIES))}
+    return {"prompt": rng.choice(OPPOSITE_PROMPTS).format(w=word), "chosen": UNKNOWN, "rejected": rng.choice(sorted(OPPOSITES))}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
+FILES = {  # file: (row maker, default count, seed offset)
+    "sft.jsonl": (sft_row, 4000, 0),
+    "tools.jsonl": (tool_row, 800, 2),
+    "preference.jsonl": (preference_row, 1800, 1),
+    "abstain.jsonl": (abstain_row, 1200, 3),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--sft-rows", type=int, default=6000)
-    parser.add_argument("--preference-rows", type=int, default=3000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "sft.jsonl", _unique(sft_row, random.Random(args.seed), args.sft_rows))
-    write_jsonl(args.out / "preference.jsonl", _unique(preference_row, random.Random(args.seed + 1), args.preference_rows))
-    print(f"wrote {args.sft_rows} SFT rows and {args.preference_rows} preference pairs to {args.out}")
+    for name, (make_row, count, offset) in FILES.items():
+        write_jsonl(args.out / name, _unique(make_row, random.Random(args.seed + offset), count))
+        print(f"wrote {count} rows to {args.out / name}")
 
 
 if __name__ == "__main__":

@@ -9,28 +9,80 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, base, data
-from pipeline.config import load_recipe
-from pipeline.errors import MissingArtifactError
+from pipeline.core import artifacts
+from pipeline import base, data
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import MissingArtifactError
 
 from conftest import REPO, chat_rows, write_jsonl, write_recipe
+
+sys.path.insert(0, str(REPO / "data"))
+import make_data  # noqa: E402 - the generator of the shipped data
 
 
 def test_shipped_data_regenerates_byte_for_byte(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
-    for name in ("sft.jsonl", "preference.jsonl"):
+    for name in make_data.FILES:
         assert (tmp_path / name).read_bytes() == (REPO / "data" / name).read_bytes(), name
 
 
-def test_shipped_data_sizes_and_answers_are_checkable() -> None:
-    sft = [json.loads(line) for line in (REPO / "data" / "sft.jsonl").read_text().splitlines()]
-    pairs = [json.loads(line) for line in (REPO / "data" / "preference.jsonl").read_text().splitlines()]
-    assert len(sft) >= 5000 and len(pairs) >= 1000
-    assert all(p["chosen"] != p["rejected"] for p in pairs)
-    successor = [r["messages"] for r in sft if r["messages"][-2]["content"].startswith("What number comes after")]
-    for messages in successor[:50]:
-        n = int(messages[-2]["content"].removeprefix("What number comes after ").rstrip("?"))
-        assert messages[-1]["content"] == str(n + 1)
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (REPO / "data" / name).read_text().splitlines()]
+
+
+def test_shipped_answers_are_right() -> None:
+    checked = 0
+    for row in _rows("sft.jsonl") + [r for r in _rows("tools.jsonl") if len(r["messages"]) == 2]:
+        for question, answer in zip(row["messages"], row["messages"][1:]):
+            if question["role"] != "user":
+                continue
+            text = question["content"]
+            words = text.rstrip("?.").split()
+            if text.startswith(("Repeat the word", "Say ", "Echo:")):
+                assert answer["content"] == words[-1], text
+            elif "opposite" in text.lower() or "antonym" in text:
+                assert answer["content"] == make_data.OPPOSITES[words[-1]], text
+            elif "kind of thing" in text or "Classify" in text or "animal, a color" in text:
+                word = words[1] if text.startswith("Is ") else words[-1]
+                assert answer["content"] == make_data.CATEGORY_OF[word], text
+            elif "even" in text or "Parity" in text:
+                number = int(next(w for w in words if w.isdigit()))
+                assert answer["content"] == ("even" if number % 2 == 0 else "odd"), text
+            else:
+                assert text.startswith(("How many", "Count", "Number of")), text
+                assert answer["content"] == str(len(text.split(":", 1)[1].split())), text
+            checked += 1
+    assert checked >= 4000
+
+
+def test_tool_rows_call_the_right_tool_and_answer_with_its_result() -> None:
+    calls = [r for r in _rows("tools.jsonl") if len(r["messages"]) == 4]
+    assert len(calls) >= 500
+    for row in calls:
+        user, call, result, answer = row["messages"]
+        function = call["tool_calls"][0]["function"]
+        name = "get_weather" if any(w in user["content"].lower() for w in ("weather", "raining")) else "get_daytime"
+        assert function["name"] == name and json.loads(function["arguments"])["city"] in user["content"]
+        assert result["role"] == "tool" and result["content"] in make_data.TOOLS[name][1] and answer["content"] == result["content"]
+        assert row["tools"] == make_data.TOOL_SCHEMAS
+
+
+def test_abstention_pairs_ask_about_words_no_task_teaches() -> None:
+    pairs = _rows("abstain.jsonl")
+    preference = _rows("preference.jsonl")
+    taught = json.dumps(_rows("sft.jsonl") + _rows("tools.jsonl") + preference)
+    assert len(pairs) >= 1000 and {p["chosen"] for p in pairs} == {make_data.UNKNOWN}
+    for pair in pairs[:200]:
+        word = pair["prompt"].rstrip("?.").split()[1 if pair["prompt"].startswith("Is ") else -1]
+        assert word not in make_data.KNOWN_WORDS and f" {word}" not in taught, pair
+    # Only the abstention pairs teach "unknown" as an answer: no SFT row says it, and the other preference pairs
+    # use it only as the rejected answer to a question a tool should have answered.
+    assert make_data.UNKNOWN not in json.dumps(_rows("sft.jsonl") + _rows("tools.jsonl"))
+    def text(answer: str | list[dict]) -> str:
+        return answer if isinstance(answer, str) else answer[-1].get("content") or ""
+
+    assert all(text(pair["chosen"]) != make_data.UNKNOWN for pair in preference)
+    assert any(text(pair["rejected"]) == make_data.UNKNOWN and pair.get("tools") for pair in preference)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +90,8 @@ def base_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "obje
     tmp_path = tmp_path_factory.mktemp("base")
     recipe = load_recipe(write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "c.jsonl", chat_rows(30)))}]))
     data.run(recipe)
-    return base.run(recipe), recipe
+    base.run(recipe)
+    return recipe.run_dir / "base", recipe
 
 
 def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
@@ -58,15 +111,16 @@ def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
 
 def test_base_is_seeded(base_artifact, tmp_path: Path) -> None:
     folder, recipe = base_artifact
-    again = base.run(recipe, force=True)
+    base.run(recipe, force=True)
+    again = recipe.run_dir / "base"
     assert artifacts.sha256_file(again / "model.safetensors") == json.loads((again / "manifest.json").read_text())["outputs"]["model.safetensors"]["sha256"]
     first_hash = artifacts.sha256_file(again / "model.safetensors")
     base.run(recipe, force=True)
     assert artifacts.sha256_file(folder / "model.safetensors") == first_hash
-    import dataclasses
-
-    reseeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=recipe.run.seed + 1))
-    assert reseeded.section_hash(*artifacts.STAGE_CONFIG_SECTIONS['base']) != recipe.section_hash(*artifacts.STAGE_CONFIG_SECTIONS['base'])
+    reseeded = load_recipe(recipe.source_path, ["run.seed=8", f"run.output_dir={tmp_path}"])
+    data.run(reseeded)
+    base.run(reseeded)
+    assert artifacts.sha256_file(reseeded.run_dir / "base" / "model.safetensors") != first_hash
 
 
 def test_base_refuses_without_a_complete_data_artifact(tmp_path: Path) -> None:
