@@ -1,0 +1,187 @@
+"""GRPO stage: online RL with TRL's GRPOTrainer and verifiable rewards, on the newest trained model before it (the
+DPO artifact, else the SFT one), with LoRA, QLoRA, DoRA or full fine-tuning.
+
+    accelerate launch pipeline/grpo.py [--config configs/tiny-grpo.yaml] [--force] [KEY=VALUE ...]
+    python -m pipeline.grpo ...
+
+Runs only for a recipe whose `grpo.rewards` names a reward. The prompts are the SFT training conversations' (the
+data artifact), each with the reference answer and tool calls the rewards check (pipeline/core/rewards.py); the
+policy samples `num_generations` completions per prompt with HF generate, or vLLM on a GPU (`grpo.generation`).
+The start model is put in place as DPO puts its own: merged in full precision into `base_model/` for adapter
+methods. Writes `checkpoints/<run>/grpo/` like DPO, with `rewards.png`, `kl.png` (when grpo.beta > 0) and
+`completion_length.png`; resumes after a kill, and SIGTERM saves a checkpoint and exits with status 143.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import warnings
+
+if __name__ == "__main__" and not __package__:
+    # `accelerate launch pipeline/grpo.py` runs this file as a script, with pipeline/ first on sys.path, where
+    # pipeline/evaluate.py would shadow the `evaluate` library: run the package's module instead, as `-m` does.
+    import runpy
+
+    del sys.path[0]
+    runpy.run_module("pipeline.grpo", run_name="__main__", alter_sys=True)
+    raise SystemExit
+
+from pipeline.core import artifacts, chat, cli, rewards, stages, training  # noqa: E402 - after the script hand-over
+from pipeline.core.config import Recipe  # noqa: E402
+from pipeline.core.errors import ConfigError, MissingArtifactError  # noqa: E402
+from pipeline.dpo import _materialise_base  # noqa: E402
+
+STAGE = stages.get("grpo")
+KL_PLOT = "kl.png"
+LENGTH_PLOT = "completion_length.png"
+
+
+def start_stage(recipe: Recipe) -> stages.Stage:
+    """The trained stage GRPO continues from: the newest one before it with a complete artifact."""
+    before = stages.trained_stages()[: [s.name for s in stages.trained_stages()].index(STAGE.name)]
+    for stage in reversed(before):
+        if artifacts.manifest_is_complete(recipe.run_dir / stage.name):
+            return stage
+    raise MissingArtifactError(
+        f"the grpo stage starts from a trained model, but {recipe.run_dir} has no complete "
+        f"{' or '.join(s.name for s in reversed(before))} artifact. Run `{before[0].command} --config "
+        f"{recipe.source_path}` first."
+    )
+
+
+def _check_generation(section) -> None:  # noqa: ANN001 - the recipe's grpo section
+    if section.generation == "hf":
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"grpo.generation is {section.generation}, which samples with vLLM on a CUDA GPU, and this machine has none. "
+            f"Set grpo.generation: hf to sample with transformers' generate (CPU or GPU)."
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"grpo.generation is {section.generation}, which needs vLLM: install it (`pip install vllm`) or set "
+            f"grpo.generation: hf."
+        )
+
+
+def _prompts(recipe: Recipe, tokenizer) -> object:  # noqa: ANN001
+    import datasets
+
+    data_dir = recipe.run_dir / "data"
+    if not (data_dir / artifacts.SFT_DATA_DIR).is_dir():
+        raise MissingArtifactError(
+            f"the data artifact {data_dir} has no SFT rows, whose prompts and reference answers GRPO trains on: add a "
+            f"chat, alpaca, ShareGPT or prompt/completion source to data.sources and rerun "
+            f"`{stages.get('data').command} --config {recipe.source_path}`."
+        )
+    labels = [source.label for source in recipe.data.sources]
+    chosen = {labels.index(label) for label in recipe.grpo.sources} if recipe.grpo.sources else None
+    splits = datasets.load_from_disk(str(data_dir / artifacts.SFT_DATA_DIR))
+    rows = {name: rewards.prompt_rows(split, tokenizer, chosen) for name, split in splits.items()}
+    if not rows["train"]:
+        raise ConfigError(
+            f"grpo.sources ({', '.join(recipe.grpo.sources)}) gives no training prompt: none of the SFT training rows "
+            f"comes from these sources. Name sources with chat rows, or leave grpo.sources empty for all."
+        )
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(found) for name, found in rows.items() if found})
+
+
+def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> training.Job:
+    section = recipe.grpo
+    _check_generation(section)
+    if section.generation == "hf":
+        # TRL checks the installed vLLM's version as it imports GRPO and warns, five times, when it is newer than
+        # TRL was tested with; HF generation does not use vLLM.
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+    from trl import GRPOConfig, GRPOTrainer
+
+    data_dir = recipe.run_dir / "data"
+    tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
+    reward_functions = rewards.load(section.rewards, tokenizer)
+    start = run.work_dir / artifacts.DPO_BASE_DIR
+    adapter = section.method != "full"
+
+    def start_model(args):  # noqa: ANN001, ANN202
+        state = training.processes()
+        if state.is_main_process:
+            # One process writes it; under ZeRO-3 the merge must load whole weights, not partition them across ranks.
+            with training.zero3_partitioning_off(args):
+                _materialise_base(*artifacts.model_location(recipe.run_dir / start_from.name), start, recipe, tokenizer)
+        state.wait_for_everyone()
+        return start
+
+    def finish(trainer, work):  # noqa: ANN001, ANN202
+        if not adapter and training.processes().is_main_process:
+            shutil.rmtree(work / artifacts.DPO_BASE_DIR)  # the trained full weights are in model/
+        logged = [e for e in trainer.state.log_history if "reward" in e]
+        last = logged[-1] if logged else {}
+        # GRPO counts the prompt and completion tokens it trained on (`num_tokens`, cumulative); the Trainer's own
+        # count is off (see `owned` below), so the shared tokens figures come from it.
+        tokens = int(max((e.get("num_tokens", 0) for e in trainer.state.log_history), default=0))
+        runtime = next((e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e), None)
+        figures = {
+            "tokens_seen": tokens,
+            "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+            "started_from": start_from.name,
+            "reward_start": logged[0]["reward"] if logged else None,
+            "reward_end": last.get("reward"),
+            "kl": last.get("kl"),
+            "completion_length": last.get("completions/mean_length"),
+            **{f"reward_{name}": last.get(f"rewards/{name}/mean") for name in section.rewards},
+        }
+        record = artifacts.model_record(artifacts.DPO_BASE_DIR if adapter else artifacts.MODEL_DIR, inside_artifact=True, adapter=adapter)
+        words = f", from {start_from.name}, mean reward {figures['reward_start']:.3g} -> {figures['reward_end']:.3g}" if logged else ""
+        return record, figures, words
+
+    plots = {
+        artifacts.LOSS_PLOT: ["loss", "eval_loss"],
+        artifacts.REWARDS_PLOT: ["reward", *(f"rewards/{name}/mean" for name in section.rewards)],
+        LENGTH_PLOT: ["completions/mean_length", "completions/mean_terminated_length"],
+    }
+    if section.trainer.get("beta"):  # TRL computes (and logs) the KL to the start model only when it weighs it
+        plots[KL_PLOT] = ["kl"]
+    return training.Job(
+        config_class=GRPOConfig,
+        trainer_class=GRPOTrainer,
+        splits=_prompts(recipe, tokenizer),
+        columns=["prompt", "reference", "expected_calls", "tools"],  # the prompt and what the rewards check it against
+        tokenizer=tokenizer,
+        start=start_model,
+        plots=plots,
+        owned={
+            "use_vllm": section.generation != "hf",
+            "vllm_mode": section.generation.removeprefix("vllm-") if section.generation != "hf" else "colocate",
+            # Answers as long as evaluation lets them be, unless the recipe says otherwise (TRL's default is 512).
+            "max_completion_length": section.trainer.get("max_completion_length", recipe.evaluate.max_new_tokens),
+            # GRPO counts the prompt and completion tokens it trains on itself; the Trainer's own count looks for an
+            # `input_ids` batch GRPO never builds, and warns at every step.
+            "include_num_input_tokens_seen": "no",
+        },
+        trainer_kwargs={"reward_funcs": reward_functions},
+        finish=finish,
+    )
+
+
+def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
+    if not STAGE.applies(recipe):
+        raise ConfigError(
+            f"{recipe.source_path} gives grpo.rewards no reward, so it has no GRPO stage. List at least one: a built-in "
+            f"({', '.join(rewards.BUILTINS)}) or a function as module:function."
+        )
+    start_from = start_stage(recipe)
+    inputs = {start_from.name: artifacts.input_record(stages.require(start_from.name, recipe, STAGE.name))}
+    return training.run_stage(
+        STAGE, recipe, lambda run: _job(recipe, run, start_from), force=force, allow_drift=allow_drift, fresh=fresh,
+        inputs=inputs,
+    )  # fmt: skip
+
+
+main = cli.stage_main(STAGE, run)
+
+if __name__ == "__main__":
+    sys.exit(main())
