@@ -14,9 +14,9 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from pipeline.cli import DEFAULT_CONFIG, run_cli
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError
+from pipeline.core.cli import DEFAULT_CONFIG, run_cli
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError
 
 
 def stream_reply(client, model: str, history: list[dict], message: str, max_tokens: int | None) -> Iterator[str]:  # noqa: ANN001

@@ -3,22 +3,28 @@
     python -m serving.demo [--config configs/tiny.yaml]
 
 Prints the question, the reference answer, the served model's answer and the evaluation table, then stops
-the server with SIGTERM and waits for it, so nothing is left running.
+the server with SIGTERM and waits for it, so nothing is left running. When the run has no export because the
+evaluation gates failed, it says which gates failed and the commands that export and serve it anyway.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-from pipeline import artifacts, engines
-from pipeline.cli import DEFAULT_CONFIG, run_cli
-from pipeline.config import load_recipe
+from pipeline import evaluate
+from pipeline.core import artifacts, engines, report, stages
+from pipeline.core.cli import DEFAULT_CONFIG, run_cli
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import PipelineError
 from serving import server_process
+
+COLUMNS = ["exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "perplexity"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -26,7 +32,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     args = parser.parse_args(argv)
     recipe = load_recipe(args.config)
-    export_dir = artifacts.require_stage(recipe.run_dir, "export", "demo", recipe)
+    try:
+        export_dir = stages.require("export", recipe, "demo")
+    except PipelineError:
+        evaluation = artifacts.read_manifest(recipe.run_dir / "eval")
+        if evaluation and not evaluation["metrics"].get("gates_passed", True):
+            gates = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())["gates"]
+            raise PipelineError(evaluate.gate_failure_message(recipe, gates)) from None
+        raise
     prompts, references, _ = engines.held_out_conversations(recipe.run_dir / "data", 1)
     port = server_process.free_port()
     started = time.time()
@@ -35,19 +48,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         server_process.wait_healthy(port, server)
         from openai import OpenAI
 
-        name = json.loads((export_dir / "serving.json").read_text())["served_model_name"]
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        name = artifacts.read_serving_file(export_dir)["served_model_name"]
+        # The key the server requires, if the recipe's serve.api_key_env holds one (the server inherits this environment).
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get(recipe.serve.api_key_env) or "none")
         reply = client.chat.completions.create(model=name, messages=prompts[0], temperature=0)
         answer = reply.choices[0].message.content
     finally:
         server_process.stop(server)
     print(f"\nserved {name} (healthy after {time.time() - started:.0f} s), asked one held-out question:")
     print(f"  question:  {prompts[0][-1]['content']}\n  reference: {references[0]}\n  answer:    {answer}\n")
-    metrics = json.loads((recipe.run_dir / "eval" / "metrics.json").read_text())
-    columns = ["exact_match", "rougeL", "perplexity", "preference_accuracy"]
-    print(f"{'model':8}" + "".join(f"{c:>22}" for c in columns))
-    for model_name, values in metrics["models"].items():
-        print(f"{model_name:8}" + "".join(f"{values.get(c, float('nan')):>22.4f}" for c in columns))
+    summary = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())
+    print(f"{'model':8}" + "".join(f"{c:>26}" for c in COLUMNS))
+    for model_name, values in summary["models"].items():
+        print(f"{model_name:8}" + "".join(f"{values.get(c, float('nan')):>26.4f}" for c in COLUMNS))
+    print("\n" + "\n".join(report.verdicts(summary["models"])))
 
 
 if __name__ == "__main__":

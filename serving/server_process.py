@@ -3,14 +3,17 @@ port, waiting until it answers, and stopping it with everything it started."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 STARTUP_SECONDS = 300  # a cold start on a 2-core machine loads torch, vLLM and the model
 
@@ -19,6 +22,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_vllm_server(artifact: Path, port: int, log_path: Path, options: Sequence[str] = (),
+                      env: Mapping[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+    """`python -m serving.vllm_server` on an export, output to `log_path`, in a session of its own so that `stop`
+    reaches everything it starts. An API key belongs in `env` (the recipe's serve.api_key_env), where `ps` does
+    not show it."""
+    repo = Path(__file__).resolve().parent.parent
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), "--port", str(port), *options],
+            cwd=repo, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
 
 
 def log_tail(log_path: Path, lines: int = 40) -> str:

