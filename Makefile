@@ -9,7 +9,7 @@ CONFIG ?= configs/tiny.yaml
 # configured (as on the project's machines); everywhere else it comes from PyTorch's CPU index.
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-EXTRAS ?= serve-cpu,onnx,ui,dev
+EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,dev
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# `import transformers` (operator torchvision::nms does not exist). The pipeline is text-only.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -c "import transformers, trl, peft, datasets, vllm"
+	@# `accelerate launch pipeline/sft.py` without --config_file reads accelerate's default config; without one it
+	@# warns about every default it assumes. Write the single-machine default once, never over a user's own.
+	$(VENV)/bin/accelerate config default >/dev/null 2>&1 || true
 	touch $@
 
 demo: install

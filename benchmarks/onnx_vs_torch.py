@@ -116,8 +116,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from pipeline import artifacts, export
-    from pipeline.config import load_recipe
+    from pipeline.core import artifacts
+    from pipeline import export
+    from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
     export_dir = artifacts.require_stage(recipe.run_dir, "export", "benchmark", recipe)

@@ -47,7 +47,7 @@ REFERENCE_MODELS = {
 def prepare_default(config: str) -> Path:
     """The default recipe's data and base artifacts (made if missing); the benchmark only trains."""
     from pipeline import run
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     recipe = load_recipe(config)
     run.run(recipe, start="data", stop="base")

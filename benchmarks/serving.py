@@ -244,7 +244,8 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype:
     import shutil
 
     from benchmarks.llama_135m import build_135m
-    from pipeline import artifacts, export
+    from pipeline.core import artifacts
+    from pipeline import export
 
     model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir)
     template = model_dir / "chat_template.jinja"
@@ -290,8 +291,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline import artifacts
-    from pipeline.config import load_recipe
+    from pipeline.core import artifacts
+    from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
     tokenizer_dir = artifacts.require_stage(recipe.run_dir, "data", "benchmark", recipe) / artifacts.TOKENIZER_DIR

@@ -52,8 +52,8 @@ def pipeline_command(config: str, overrides: list[str]) -> list[str]:
 
 
 def pipeline_result(config: str, overrides: list[str]) -> dict:
-    from pipeline import artifacts
-    from pipeline.config import load_recipe
+    from pipeline.core import artifacts
+    from pipeline.core.config import load_recipe
 
     metrics = artifacts.read_manifest(load_recipe(config, overrides).run_dir / "sft")["metrics"]
     return {"tokens": metrics["tokens_seen"], "seconds": metrics["train_seconds"], "cpu_seconds": metrics["train_cpu_seconds"]}
@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline import base, data
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     workdir = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     common = [f"run.output_dir={workdir}", f"sft.max_steps={args.steps}", "sft.save_steps=100000", "sft.method=full"]

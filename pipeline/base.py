@@ -10,45 +10,38 @@ safetensors weights, config, generation config (every stop token), tokenizer wit
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from pipeline import artifacts, chat, models
-from pipeline.cli import run_cli, stage_parser
-from pipeline.config import Recipe, load_recipe
-from pipeline.errors import ConfigError
+from pipeline.core import artifacts, chat, cli, models, stages
+from pipeline.core.config import Recipe
+from pipeline.core.errors import ConfigError
 
-STAGE = "base"
+STAGE = stages.get("base")
 
 
-def run(recipe: Recipe, *, force: bool = False) -> Path:
-    if recipe.model.init is None:
+def run(recipe: Recipe, *, force: bool = False) -> stages.Outcome:
+    if not STAGE.applies(recipe):
         raise ConfigError(
             f"model.name_or_path is {recipe.model.name_or_path!r}: a pretrained model needs no base stage. Run the SFT "
-            f"stage next (`accelerate launch pipeline/sft.py --config {recipe.source_path}`)."
+            f"stage next (`{stages.get('sft').command} --config {recipe.source_path}`)."
         )
-    data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE, recipe)
-    stage = artifacts.StageRun.for_recipe(STAGE, recipe)
-    stage.add_input("data", data_dir)
-    if not force and stage.up_to_date():
-        print(f"base: up to date ({stage.final_dir}); use --force to rebuild.")
-        return stage.final_dir
-    work = stage.begin()
-    tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
-    stop_ids = sorted({tokenizer.eos_token_id, chat.end_of_turn_token_id(tokenizer)})
-    model = models.build_from_config(recipe.model.init, tokenizer, stop_ids, recipe.run.seed, recipe.model.dtype)
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    parameters = models.parameter_count(model)
-    final = stage.complete({"parameters": parameters, "stop_token_ids": stop_ids})
-    print(f"base: {model.config.model_type} with {parameters:,} parameters, vocab {len(tokenizer)} -> {final}")
-    return final
+
+    def work(run: artifacts.StageRun) -> stages.Result:
+        out = run.begin()
+        tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
+        stop_ids = chat.stop_token_ids(tokenizer)
+        model = models.build_from_config(recipe.model.init, tokenizer, stop_ids, recipe.run.seed, recipe.model.dtype)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        parameters = models.parameter_count(model)
+        return stages.Result(
+            {"parameters": parameters, "stop_token_ids": stop_ids},
+            f"base: {model.config.model_type} with {parameters:,} parameters, vocab {len(tokenizer)}",
+        )
+
+    return stages.execute(STAGE, recipe, work, force=force)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = stage_parser("python -m pipeline.base", __doc__.splitlines()[0]).parse_args(argv)
-    run(load_recipe(args.config, args.overrides), force=args.force)
-
+main = cli.stage_main(STAGE, run)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -2,60 +2,48 @@
 
     python -m pipeline.evaluate [--config configs/tiny.yaml] [--force] [KEY=VALUE ...]
 
-Generation metrics (exact match, ROUGE, BLEU) go through `evaluate` with metric modules shipped in the
-package; perplexity comes from the model's loss on the assistant tokens; preference accuracy compares the
-log-probabilities of chosen and rejected answers. Answers are generated greedily by vLLM's offline engine when
-vLLM is installed (the engine that serves), else by batched HF `generate`. Writes `checkpoints/<run>/eval/`:
-`metrics.json`, `predictions.jsonl`, `report.md` with PNG plots. A failed gate (`evaluate.gates`) exits
-non-zero after writing everything, with a table of what failed.
+Each model (base, SFT, DPO: whichever exist) answers the held-out prompts greedily, through vLLM's offline engine
+when vLLM is installed (the engine that serves, with the serving engine's settings) or batched HF `generate`:
+- answers to the held-out SFT conversations: exact match, ROUGE, BLEU (`evaluate` modules shipped in the package);
+- tool calls where a held-out conversation makes one (or declares tools and needs none): call emitted, name,
+  arguments, and no call where none is due;
+- answers to the held-out preference prompts: `chosen_match`, the share equal to the chosen answer, which shows
+  what preference tuning taught that SFT did not;
+plus perplexity on the assistant tokens and preference accuracy (log-probability of chosen above rejected).
+
+A model already evaluated with the same weights, settings, engine and held-out data is not generated again: its
+results come from the previous evaluation's cache, so a gate change re-checks in seconds. Writes
+`checkpoints/<run>/eval/`: `metrics.json`, `predictions.jsonl`, `report.md` with PNG plots. A failed gate
+(`evaluate.gates`) exits with status 2 after writing everything, with a table of what failed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, chat, engines, models, scoring, training
-from pipeline.cli import run_cli, stage_parser
-from pipeline.config import Recipe, load_recipe
-from pipeline.errors import MissingArtifactError, PipelineError
+from pipeline.core import artifacts, chat, cli, engines, models, report, scoring, stages, tracking
+from pipeline.core.config import Recipe
+from pipeline.core.errors import MissingArtifactError, PipelineError
 
-STAGE = "eval"
-MODEL_STAGES = ("base", "sft", "dpo", "export")
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-REPORT_FILE = "report.md"
-METRICS_PLOT = "metrics.png"
-HIGHER_IS_BETTER = {"perplexity": False}
+STAGE = stages.get("eval")
+CACHE_DIR = "models"  # one JSON per model: its results and the key they were measured under
+HEADLINE = ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy")
 
 
 class GateFailure(PipelineError):
     """One or more evaluation gates failed; the artifact is written and the table says which."""
 
 
-def model_artifacts(run_dir: Path) -> dict[str, Path]:
+def model_artifacts(recipe: Recipe) -> dict[str, Path]:
     """Every complete model artifact of the run, in pipeline order."""
-    return {name: run_dir / name for name in MODEL_STAGES if artifacts.manifest_is_complete(run_dir / name)}
-
-
-def _model_dir(name: str, folder: Path, scratch: Path, dtype: str, tokenizer: Any) -> Path:
-    """A folder with full weights for this model: the artifact itself, or an adapter merged into a scratch copy."""
-    if name == "base":
-        return folder
-    if name == "export":
-        return folder / artifacts.MODEL_DIR
-    base, adapter = training.trained_model_location(folder)
-    if adapter is None:
-        return Path(base)
-    target = scratch / name
-    merged = models.load_merged(base, adapter, dtype)
-    merged.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))  # vLLM loads the tokenizer from the model folder
-    return target
+    found = {stage.name: recipe.run_dir / stage.name for stage in stages.model_stages(recipe)}
+    return {name: folder for name, folder in found.items() if artifacts.manifest_is_complete(folder)}
 
 
 def check_gates(gates: dict[str, float], results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -64,7 +52,7 @@ def check_gates(gates: dict[str, float], results: dict[str, dict[str, float]]) -
     for key, threshold in gates.items():
         subject, metric = key.split(".", 1)
         names = subject.split("-")
-        sign = 1 if HIGHER_IS_BETTER.get(metric, True) else -1
+        sign = 1 if scoring.higher_is_better(metric) else -1
         missing = [n for n in names if metric not in results.get(n, {})]
         if missing:
             rows.append({"gate": key, "threshold": threshold, "value": None, "passed": False, "why": f"no {metric} for {', '.join(missing)}"})
@@ -74,144 +62,138 @@ def check_gates(gates: dict[str, float], results: dict[str, dict[str, float]]) -
     return rows
 
 
-def _gate_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| gate | value | threshold | result |", "| --- | --- | --- | --- |"]
-    for row in rows:
-        value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
-        lines.append(f"| {row['gate']} | {value} | {row['threshold']} | {'pass' if row['passed'] else 'FAIL ' + row.get('why', '')} |")
-    return "\n".join(lines)
+def gate_failure_message(recipe: Recipe, gates: list[dict[str, Any]]) -> str:
+    """What failed, and the commands that export and serve the model anyway; then the gate table."""
+    failed = ", ".join(f"{g['gate']} = {'n/a' if g['value'] is None else round(g['value'], 4)} (needs {g['threshold']})"
+                       for g in gates if not g["passed"])  # fmt: skip
+    config = recipe.source_path
+    return (
+        f"evaluation gates failed: {failed}; see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}. Export refuses a "
+        f"model that failed its gates. To export and serve it anyway (the export records that its gates failed):\n"
+        f"    python -m pipeline.export --config {config} --allow-failed-gates\n"
+        f"    python -m serving.demo --config {config}\n"
+        f"(or rerun the pipeline with --allow-failed-gates)\n\n" + report.gate_table(gates)
+    )
 
 
-def _plots(results: dict[str, dict[str, float]], work: Path, run_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = ["exact_match", "rougeL", "preference_accuracy"]
-    names = list(results)
-    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4 * (len(shown) + 1), 3.5))
-    for ax, metric in zip(axes, [*shown, "perplexity"]):
-        values = [results[n].get(metric, float("nan")) for n in names]
-        ax.bar(names, values, color=["#999999", "#4c72b0", "#dd8452", "#55a868"][: len(names)])
-        ax.set_title(metric + (" (lower is better)" if metric == "perplexity" else ""))
-        for x, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(work / METRICS_PLOT, dpi=100)
-    plt.close(fig)
-    copied = [METRICS_PLOT]
-    for stage, plot in (("sft", artifacts.LOSS_PLOT), ("dpo", artifacts.LOSS_PLOT), ("dpo", artifacts.REWARDS_PLOT)):
-        source = run_dir / stage / plot
-        if source.is_file():
-            shutil.copy2(source, work / f"{stage}_{plot}")
-            copied.append(f"{stage}_{plot}")
-    return copied
+def _full_weights_dir(folder: Path, scratch: Path, recipe: Recipe, settings: engines.EngineSettings, tokenizer: Any) -> Path:
+    """A folder with full weights for this model: the artifact itself, or an adapter merged into a scratch copy."""
+    base, adapter = artifacts.model_location(folder)
+    if adapter is None:
+        return Path(base)
+    target = scratch / folder.name
+    models.load_merged(base, adapter, recipe.model, settings.dtype).save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))  # vLLM loads the tokenizer from the model folder
+    return target
 
 
-def _report(recipe: Recipe, results: dict, backend: str, gates: list, plots: list[str], examples: list[dict]) -> str:
-    metrics = sorted({m for r in results.values() for m in r if m != "pairs"})
-    lines = [
-        f"# Evaluation of run `{recipe.run.name}`",
-        "",
-        f"Held-out split of the data artifact; greedy decoding through **{backend}**, at most "
-        f"{recipe.evaluate.max_new_tokens} new tokens. Perplexity is over assistant tokens (lower is better).",
-        "",
-        "| model | " + " | ".join(metrics) + " |",
-        "| --- |" + " --- |" * len(metrics),
-    ]
-    for name, values in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" if m in values else "" for m in metrics) + " |")
-    if gates:
-        lines += ["", "## Gates", "", _gate_table(gates)]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Examples", "", "| prompt | reference | " + " | ".join(results) + " |", "| --- | --- |" + " --- |" * len(results)]
-    for example in examples:
-        cells = [example["prompt"][-1]["content"], example["reference"], *[example["answers"][n] for n in results]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.EngineSettings, data_identity: str) -> str:
+    """What the results of one model depend on: its weights, the evaluation settings (not the gates), the engine
+    and the held-out data."""
+    measured = {k: v for k, v in recipe.to_dict()["evaluate"].items() if k != "gates"}
+    record = {"weights": artifacts.weights_identity(folder), "evaluate": measured, "backend": backend,
+              "engine": settings.as_dict(), "attn_implementation": recipe.model.attn_implementation, "data": data_identity}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def run(recipe: Recipe, *, force: bool = False) -> Path:
-    data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE, recipe)
-    found = model_artifacts(recipe.run_dir)
+def _evaluate_model(
+    folder: Path, recipe: Recipe, held: scoring.HeldOut, tokenizer: Any, backend: str, settings: engines.EngineSettings,
+    scratch: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Generate with one model on every held-out set and score it."""
+    model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
+    model = models.load(model_dir, recipe.model, settings.dtype, device="cuda" if engines.on_gpu() else None)
+    stop_ids = model.generation_config.eos_token_id
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
+    sets = held.generation_sets()
+    limit = recipe.evaluate.max_new_tokens
+    if backend == "hf":
+        outputs = {name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size) for name, ids in sets.items()}
+    else:
+        longest = max(len(row) for ids in sets.values() for row in ids) + limit
+        engine = engines.VLLMEngine(model_dir, settings, longest)
+        try:
+            outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids) for name, ids in sets.items()}
+        finally:
+            engine.close()
+    scores = held.score(outputs, recipe.evaluate.metrics)
+    scores.update(held.likelihood_scores(model, tokenizer, recipe.evaluate.batch_size))
+    return {"scores": scores, "outputs": outputs}
+
+
+def run(recipe: Recipe, *, force: bool = False) -> stages.Outcome:
+    found = model_artifacts(recipe)
     if not found:
         raise MissingArtifactError(
-            f"no model artifacts in {recipe.run_dir} to evaluate. Run `accelerate launch pipeline/sft.py --config "
-            f"{recipe.source_path}` first (and `python -m pipeline.base` for a recipe that builds its model)."
+            f"no model artifacts in {recipe.run_dir} to evaluate. Run `{stages.get('sft').command} --config "
+            f"{recipe.source_path}` first (and `{stages.get('base').command}` for a recipe that builds its model)."
         )
-    stage = artifacts.StageRun.for_recipe(STAGE, recipe)
-    stage.add_input("data", data_dir)
-    for name, folder in found.items():
-        stage.add_input(name, folder)
-    if not force and stage.up_to_date():
-        print(f"eval: up to date ({stage.final_dir}); use --force to re-evaluate.")
-        return stage.final_dir
+    inputs = {name: artifacts.input_record(folder) for name, folder in found.items()}
+    return stages.execute(STAGE, recipe, lambda run: _evaluate(recipe, run, found), force=force, inputs=inputs)
+
+
+def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -> stages.Result:
+    data_dir = recipe.run_dir / "data"
     backend = engines.choose_backend(recipe.evaluate.backend)
-    prompts, references, tools = engines.held_out_conversations(data_dir, recipe.evaluate.max_examples)
-    if not any(r.strip() for r in references):
-        raise PipelineError(
-            f"the eval split of {data_dir} has no reference answers (every final assistant turn is empty), so "
-            f"{', '.join(recipe.evaluate.metrics)} cannot be computed. Hold out rows whose last assistant turn has text."
-        )
-    work = stage.begin()
-    scratch = work / ".merged"
+    settings = engines.engine_settings(recipe.model.dtype, engines.on_gpu())
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
-    ids = engines.prompt_ids(tokenizer, prompts, tools)
-    pairs = scoring.held_out_pairs(data_dir, recipe.evaluate.max_examples) if (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir() else None
-    import datasets
-
-    sft_eval = datasets.load_from_disk(str(data_dir / artifacts.SFT_DATA_DIR))["eval"]
-    if recipe.evaluate.max_examples is not None:
-        sft_eval = sft_eval.select(range(min(recipe.evaluate.max_examples, len(sft_eval))))
-
-    results: dict[str, dict[str, float]] = {}
-    answers: dict[str, list[str]] = {}
+    held = scoring.HeldOut.load(data_dir, tokenizer, recipe)
+    if held.empty():
+        raise PipelineError(
+            f"the eval split of {data_dir} has nothing to evaluate: no held-out answer with text, no tool call and no "
+            f"preference pair, so {', '.join(recipe.evaluate.metrics)} cannot be computed. Hold out rows whose last "
+            f"assistant turn has text (raise data.eval_fraction)."
+        )
+    previous_cache = run.final_dir / CACHE_DIR
+    work = run.begin()
+    (work / CACHE_DIR).mkdir()
+    scratch = work / ".merged"
+    data_identity = run.inputs["data"]["sha256"]
+    results: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, dict[str, list[str]]] = {}
+    reused = []
     for name, folder in found.items():
-        model_dir = _model_dir(name, folder, scratch, recipe.model.dtype, tokenizer)
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=models.torch_dtype("float32"))
-        stop_ids = model.generation_config.eos_token_id
-        stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
-        if backend == "hf":
-            answers[name] = engines.hf_generate(model, tokenizer, ids, recipe.evaluate.max_new_tokens, recipe.evaluate.batch_size)
+        key = _cache_key(folder, recipe, backend, settings, data_identity)
+        cached = _read_cache(previous_cache / f"{name}.json", key)
+        started = time.time()
+        if cached is None:
+            cached = {"key": key, **_evaluate_model(folder, recipe, held, tokenizer, backend, settings, scratch)}
+            print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
         else:
-            answers[name] = engines.vllm_generate(model_dir, tokenizer, ids, recipe.evaluate.max_new_tokens, stop_ids)
-        scores: dict[str, float] = {}
-        for metric in recipe.evaluate.metrics:
-            scores.update(scoring.compute_metric(metric, answers[name], references))
-        scores["perplexity"] = scoring.perplexity(model, tokenizer, sft_eval, recipe.evaluate.batch_size)
-        if pairs is not None:
-            preference = scoring.preference_scores(model, tokenizer, pairs, recipe.evaluate.batch_size)
-            scores.update(preference_accuracy=preference["preference_accuracy"], mean_margin=preference["mean_margin"])
-        results[name] = scores
-        print(f"eval: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            reused.append(name)
+            print(f"eval: {name} unchanged since its last evaluation; results reused: {scoring.describe(cached['scores'])}")
+        (work / CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
+        results[name], outputs[name] = cached["scores"], cached["outputs"]
     shutil.rmtree(scratch, ignore_errors=True)
 
     gates = check_gates(recipe.evaluate.gates, results)
-    with open(work / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
-        for i, (prompt, reference) in enumerate(zip(prompts, references)):
-            record = {"prompt": prompt, "reference": reference, "answers": {n: answers[n][i] for n in results}}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {"backend": backend, "examples": len(prompts), "models": results, "gates": gates,
-               "gates_passed": all(g["passed"] for g in gates)}  # fmt: skip
-    (work / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plots = _plots(results, work, recipe.run_dir)
-    examples = [json.loads(line) for line in (work / PREDICTIONS_FILE).read_text(encoding="utf-8").splitlines()[:8]]
-    (work / REPORT_FILE).write_text(_report(recipe, results, backend, gates, plots, examples), encoding="utf-8")
-    headline = {f"{n}_{m}": v for n, r in results.items() for m, v in r.items() if m in ("exact_match", "preference_accuracy")}
-    final = stage.complete({"backend": backend, "gates_passed": summary["gates_passed"], **headline})
-    print(f"eval: {len(results)} models on {len(prompts)} held-out prompts via {backend} -> {final / REPORT_FILE}")
-    if not summary["gates_passed"]:
-        raise GateFailure("evaluation gates failed (export refuses this run unless --force):\n" + _gate_table(gates))
-    return final
+    passed = all(g["passed"] for g in gates)
+    held.write_predictions(work / artifacts.PREDICTIONS_FILE, outputs)
+    engine = {"backend": backend, **settings.as_dict()}
+    summary = {"engine": engine, "examples": held.sizes(), "models": results, "gates": gates, "gates_passed": passed, "reused": reused}
+    (work / artifacts.METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    report.write(work, recipe, summary, held, outputs)
+    tracking.log_evaluation(recipe, results)
+    headline = {f"{n}_{m}": v for n, r in results.items() for m, v in r.items() if m in HEADLINE}
+    failure = None if passed else GateFailure(gate_failure_message(recipe, gates))
+    return stages.Result(
+        {"backend": backend, "gates_passed": passed, **headline},
+        f"eval: {len(results)} models on {held.describe()} via {backend} ({settings.dtype}"
+        f"{', eager' if settings.enforce_eager else ''}){'; reused ' + ', '.join(reused) if reused else ''}; "
+        f"report {artifacts.REPORT_FILE}",
+        error=failure,
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = stage_parser("python -m pipeline.evaluate", __doc__.splitlines()[0]).parse_args(argv)
-    run(load_recipe(args.config, args.overrides), force=args.force)
+def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cached if cached.get("key") == key else None
 
+
+main = cli.stage_main(STAGE, run)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

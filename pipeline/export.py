@@ -12,8 +12,8 @@ template parity and ONNX parity itself, fails on a broken export, and records th
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
-import json
 import shutil
 import subprocess
 import sys
@@ -21,15 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, chat, engines, models, training
-from pipeline.cli import run_cli, stage_parser
-from pipeline.config import Recipe, load_recipe
-from pipeline.errors import ConfigError, MissingArtifactError, PipelineError
+from pipeline.core import artifacts, chat, cli, engines, models, scoring, stages
+from pipeline.core.config import Recipe
+from pipeline.core.errors import ConfigError, PipelineError
 
-STAGE = "export"
-SERVING_FILE = "serving.json"
-ONNX_DIR = "onnx"
-ADAPTER_DIR = "adapter"
+STAGE = stages.get("export")
 PARITY_PROMPTS = 8
 MERGE_TOLERANCE = 1e-4
 ONNX_LOGIT_TOLERANCE = 1e-3
@@ -37,28 +33,6 @@ ONNX_LOGIT_TOLERANCE = 1e-3
 
 class ExportCheckFailed(PipelineError):
     """A parity check failed: the exported model would not behave like the trained one."""
-
-
-def _final_stage(recipe: Recipe) -> str:
-    for name in ("dpo", "sft"):
-        if artifacts.manifest_is_complete(recipe.run_dir / name):
-            return name
-    raise MissingArtifactError(
-        f"there is no trained model in {recipe.run_dir} to export (neither a complete 'dpo' nor 'sft' artifact). "
-        f"Run `accelerate launch pipeline/sft.py --config {recipe.source_path}` first."
-    )
-
-
-def _check_gate(recipe: Recipe, force: bool) -> None:
-    """With gates in the recipe, export needs an evaluation of the current settings that passed them."""
-    if not recipe.evaluate.gates or force:
-        return
-    eval_dir = artifacts.require_stage(recipe.run_dir, "eval", STAGE, recipe)
-    if not artifacts.read_manifest(eval_dir)["metrics"].get("gates_passed"):
-        raise PipelineError(
-            f"the evaluation gates failed for this run (see {eval_dir / 'report.md'}); export refuses a model that "
-            f"failed its gates. Fix the model, relax evaluate.gates, or export anyway with --force."
-        )
 
 
 def _max_logit_difference(a: Any, b: Any, ids: list[list[int]]) -> float:
@@ -72,32 +46,32 @@ def _max_logit_difference(a: Any, b: Any, ids: list[list[int]]) -> float:
     return worst
 
 
-def _merge_parity(base: Any, adapter: Path | None, exported: Path, dtype: str, ids: list[list[int]]) -> float:
+def _merge_parity(base: Any, adapter: Path | None, exported: Path, recipe: Recipe, ids: list[list[int]]) -> float:
     """Logits of the exported folder against the trained model as it was trained (adapter unmerged)."""
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=models.torch_dtype(dtype))
+    reference = models.load(base, recipe.model)
     if adapter is not None:
         from peft import PeftModel
 
         reference = PeftModel.from_pretrained(reference, str(adapter))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(exported), dtype=models.torch_dtype(dtype))
+    reloaded = models.load(exported, recipe.model)
     reference.eval(), reloaded.eval()
     return _max_logit_difference(reference, reloaded, ids)
 
 
-def _template_parity(training_tokenizer: Any, exported: Path, conversations: list[list[dict]], stop_ids: list[int]) -> dict[str, Any]:
+def _template_parity(training_tokenizer: Any, exported: Path, conversations: list[tuple[list[dict], Any]], stop_ids: list[int]) -> dict[str, Any]:
+    """Token ids of each conversation, whole and as a prompt, from the training tokenizer and the exported one."""
     from transformers import AutoTokenizer
 
     served = AutoTokenizer.from_pretrained(str(exported))
     mismatches = sum(
-        chat.render_ids(training_tokenizer, c)["input_ids"] != chat.render_ids(served, c)["input_ids"]
-        or chat.render_ids(training_tokenizer, c[:-1], add_generation_prompt=True)["input_ids"]
-        != chat.render_ids(served, c[:-1], add_generation_prompt=True)["input_ids"]
-        for c in conversations
+        chat.render_ids(training_tokenizer, c, tools)["input_ids"] != chat.render_ids(served, c, tools)["input_ids"]
+        or chat.render_ids(training_tokenizer, c[:-1], tools, add_generation_prompt=True)["input_ids"]
+        != chat.render_ids(served, c[:-1], tools, add_generation_prompt=True)["input_ids"]
+        for c, tools in conversations
     )
     end_of_turn = chat.end_of_turn_token_id(training_tokenizer)
-    return {"conversations": len(conversations), "mismatches": mismatches, "end_of_turn_is_stop": end_of_turn in stop_ids}
+    return {"conversations": len(conversations), "with_tools": sum(bool(t) for _, t in conversations), "mismatches": mismatches,
+            "end_of_turn_is_stop": end_of_turn in stop_ids}  # fmt: skip
 
 
 def build_onnx(model_dir: Path, out_dir: Path, precision: str) -> None:
@@ -168,26 +142,24 @@ def _onnx_parity(model_dir: Path, onnx_dir: Path, ids: list[list[int]], max_new_
     }
 
 
-def write_serving_file(
-    folder: Path, *, served_model_name: str, max_model_len: int, dtype: str, stop_ids: list[int], stop_tokens: list[str],
-    lora: dict[str, str] | None,
-) -> None:
-    """The serving.json `serving.vllm_server` starts vLLM from: paths are relative to `folder`."""
-    record = {
-        "served_model_name": served_model_name,
-        "model": artifacts.MODEL_DIR,
-        "max_model_len": max_model_len,
-        "chat_template": f"{artifacts.MODEL_DIR}/chat_template.jinja",
-        "stop_token_ids": stop_ids,
-        "stop_tokens": stop_tokens,
-        "dtype": dtype,
-        "lora": lora,
-    }
-    (folder / SERVING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
+    """'none' (the recipe sets no gates), 'passed', or 'failed' when exporting anyway was asked for."""
+    if not recipe.evaluate.gates:
+        return "none"
+    eval_dir = stages.require("eval", recipe, STAGE.name)
+    if artifacts.read_manifest(eval_dir)["metrics"].get("gates_passed"):
+        return "passed"
+    if allow_failed_gates:
+        return "failed"
+    raise PipelineError(
+        f"the evaluation gates failed for this run (see {eval_dir / artifacts.REPORT_FILE}); export refuses a model "
+        f"that failed its gates. Fix the model, relax evaluate.gates, or export anyway with --allow-failed-gates "
+        f"(recorded in the export's manifest and serving.json)."
+    )
 
 
-def run(recipe: Recipe, *, force: bool = False, targets: Sequence[str] | None = None) -> Path:
-    targets = list(targets or recipe.export.targets)
+def run(recipe: Recipe, *, force: bool = False, target: Sequence[str] | None = None, allow_failed_gates: bool = False) -> stages.Outcome:
+    targets = list(target or recipe.export.targets)
     unknown = [t for t in targets if t not in ("hf", "onnx")]
     if unknown:
         raise ConfigError(f"unknown export target(s) {', '.join(unknown)}; the targets are hf and onnx.")
@@ -196,92 +168,112 @@ def run(recipe: Recipe, *, force: bool = False, targets: Sequence[str] | None = 
             "the onnx target needs onnxruntime-genai, which is not installed: install the `onnx` extra "
             "(`pip install -e '.[onnx]'`), or export with --target hf."
         )
-    data_dir = artifacts.require_stage(recipe.run_dir, "data", STAGE, recipe)
-    final_name = _final_stage(recipe)
-    final_dir = recipe.run_dir / final_name
-    _check_gate(recipe, force)
-    stage = artifacts.StageRun.for_recipe(STAGE, recipe)
-    # --target can differ from export.targets: which targets were built is part of what the artifact is.
-    stage.inputs["targets"] = {"kind": "setting", "path": "targets", "sha256": ",".join(sorted(targets))}
-    stage.add_input("data", data_dir)
-    stage.add_input(final_name, final_dir)
-    if not force and stage.up_to_date():
-        print(f"export: up to date ({stage.final_dir}); use --force to re-export.")
-        return stage.final_dir
-    work = stage.begin()
+    final = stages.newest_trained(recipe, STAGE.name)
+    gates = _gate_status(recipe, allow_failed_gates)
+    inputs = {
+        final.name: artifacts.input_record(stages.require(final.name, recipe, STAGE.name)),
+        # Which targets were built (--target can differ from export.targets) and whether the model passed its gates
+        # are part of what the artifact is.
+        "targets": artifacts.setting_record("targets", sorted(targets)),
+        "gates": artifacts.setting_record("gates", gates),
+    }
+    return stages.execute(STAGE, recipe, lambda run: _export(recipe, run, final, targets, gates), force=force, inputs=inputs)
+
+
+def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, targets: list[str], gates: str) -> stages.Result:
+    work = run.begin()
+    data_dir = recipe.run_dir / "data"
     model_dir = work / artifacts.MODEL_DIR
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
-    base, adapter = training.trained_model_location(final_dir)
+    base, adapter = artifacts.model_location(recipe.run_dir / final.name)
 
-    merged = models.load_merged(base, adapter, recipe.model.dtype, recipe.model.trust_remote_code)
-    stop_ids = sorted({tokenizer.eos_token_id, chat.end_of_turn_token_id(tokenizer)})
+    merged = models.load_merged(base, adapter, recipe.model)
+    stop_ids = chat.stop_token_ids(tokenizer)
     merged.generation_config.eos_token_id = stop_ids
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     del merged
 
-    prompts, references, tools = engines.held_out_conversations(data_dir, PARITY_PROMPTS)
-    ids = engines.prompt_ids(tokenizer, prompts, tools)
-    checks: dict[str, Any] = {"exported_from": final_name}
-    checks["merge_max_abs_logit_diff"] = _merge_parity(base, adapter, model_dir, recipe.model.dtype, ids)
+    held = scoring.HeldOut.load(data_dir, tokenizer, recipe)
+    parity_rows = [row for rows in held.sets.values() for row in rows[:PARITY_PROMPTS]]
+    ids = engines.prompt_ids(tokenizer, [r["prompt"] for r in parity_rows], [r["tools"] for r in parity_rows])
+    checks: dict[str, Any] = {"exported_from": final.name, "gates": gates}
+    checks["merge_max_abs_logit_diff"] = _merge_parity(base, adapter, model_dir, recipe, ids)
     if checks["merge_max_abs_logit_diff"] > MERGE_TOLERANCE:
         raise ExportCheckFailed(
             f"merge parity failed: the merged model's logits differ from base + adapter by "
             f"{checks['merge_max_abs_logit_diff']:.2e} (limit {MERGE_TOLERANCE:.0e}); nothing was exported."
         )
-    conversations = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, references)]
-    checks["template_parity"] = _template_parity(tokenizer, model_dir, conversations, stop_ids)
+    checks["template_parity"] = _template_parity(tokenizer, model_dir, _parity_conversations(held), stop_ids)
     if checks["template_parity"]["mismatches"] or not checks["template_parity"]["end_of_turn_is_stop"]:
         raise ExportCheckFailed(f"template parity failed: {checks['template_parity']}; nothing was exported.")
+    parser = chat.tool_call_parser(tokenizer.chat_template)
+    checks["tool_call_parser"] = parser
+    if parser is None:
+        print("export: the chat template renders tool calls in no format a vLLM tool parser reads; the server will "
+              "answer tool requests as plain text (see README, Tool calling).")  # fmt: skip
 
     lora = None
     if recipe.export.adapter_only and adapter is not None:
-        shutil.copytree(adapter, work / ADAPTER_DIR)
-        lora = {"name": f"{recipe.serve.served_model_name or recipe.run.name}-lora", "path": ADAPTER_DIR, "base_model": str(Path(base).resolve())}
-    write_serving_file(
+        shutil.copytree(adapter, work / artifacts.ADAPTER_DIR)
+        lora = {"name": f"{recipe.serve.served_model_name or recipe.run.name}-lora", "path": artifacts.ADAPTER_DIR, "base_model": str(Path(base).resolve())}
+    artifacts.write_serving_file(
         work, served_model_name=recipe.serve.served_model_name or recipe.run.name, max_model_len=recipe.data.max_length,
-        dtype=recipe.model.dtype, stop_ids=stop_ids, stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids), lora=lora,
+        dtype=recipe.model.dtype, stop_ids=stop_ids, stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),
+        tool_call_parser=parser, lora=lora, gates=gates,
     )  # fmt: skip
 
     if "onnx" in targets:
-        checks["onnx"] = {}
-        for precision in recipe.export.onnx_precisions:
-            out = work / ONNX_DIR / precision
-            try:
-                build_onnx(model_dir, out, precision)
-            except NotImplementedError as reason:
-                message = f"ONNX export skipped: the ONNX Runtime GenAI builder does not support this architecture ({reason})"
-                print(f"export: {message}; the hf/vLLM export is complete.")
-                checks["onnx"] = {"status": "unsupported", "message": message}
-                shutil.rmtree(work / ONNX_DIR, ignore_errors=True)
-                break
-            parity = _onnx_parity(model_dir, out, ids, recipe.evaluate.max_new_tokens, stop_ids)
-            checks["onnx"][precision] = parity
-            if precision == "fp32" and (
-                parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > ONNX_LOGIT_TOLERANCE
-            ):
-                raise ExportCheckFailed(f"ONNX fp32 parity failed against PyTorch: {parity}; nothing was exported.")
+        checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, stop_ids)
     if "hf" not in targets:
         shutil.rmtree(model_dir)  # the ONNX folders are self-contained; keep only what was asked for
-        (work / SERVING_FILE).unlink()
-    final = stage.complete(checks, extra={"targets": targets})
+        (work / artifacts.SERVING_FILE).unlink()
     onnx_summary = ", ".join(
         f"{p} {v['agreement_rate']:.0%} greedy agreement" for p, v in checks.get("onnx", {}).items() if isinstance(v, dict)
     )
-    print(
-        f"export: {final_name} model -> {final} (merge parity {checks['merge_max_abs_logit_diff']:.1e}, template parity "
-        f"{checks['template_parity']['conversations']} conversations OK{', ONNX ' + onnx_summary if onnx_summary else ''})"
+    warning = "; EXPORTED DESPITE FAILING GATES (--allow-failed-gates)" if gates == "failed" else ""
+    return stages.Result(
+        checks,
+        f"export: {final.name} model (merge parity {checks['merge_max_abs_logit_diff']:.1e}, template parity "
+        f"{checks['template_parity']['conversations']} conversations OK, tool parser {parser}"
+        f"{', ONNX ' + onnx_summary if onnx_summary else ''}){warning}",
+        extra={"targets": targets},
     )
-    return final
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = stage_parser("python -m pipeline.export", __doc__.splitlines()[0])
+def _parity_conversations(held: scoring.HeldOut) -> list[tuple[list[dict], Any]]:
+    """Held-out conversations to render with both tokenizers: answers, and tool calls with their results."""
+    answers = held.sets["answers"]
+    chosen = answers[:PARITY_PROMPTS] + [row for row in answers if row["after_tool"]][:PARITY_PROMPTS]
+    return [(row["prompt"] + [{"role": "assistant", "content": row["reference"]}], row["tools"]) for row in chosen]
+
+
+def _export_onnx(recipe: Recipe, work: Path, model_dir: Path, ids: list[list[int]], stop_ids: list[int]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for precision in recipe.export.onnx_precisions:
+        out = work / artifacts.ONNX_DIR / precision
+        try:
+            build_onnx(model_dir, out, precision)
+        except NotImplementedError as reason:
+            message = f"ONNX export skipped: the ONNX Runtime GenAI builder does not support this architecture ({reason})"
+            print(f"export: {message}; the hf/vLLM export is complete.")
+            shutil.rmtree(work / artifacts.ONNX_DIR, ignore_errors=True)
+            return {"status": "unsupported", "message": message}
+        parity = _onnx_parity(model_dir, out, ids, recipe.evaluate.max_new_tokens, stop_ids)
+        results[precision] = parity
+        if precision == "fp32" and (parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > ONNX_LOGIT_TOLERANCE):
+            raise ExportCheckFailed(f"ONNX fp32 parity failed against PyTorch: {parity}; nothing was exported.")
+    return results
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", choices=("hf", "onnx"), help="export target (repeatable; default: export.targets)")
-    args = parser.parse_args(argv)
-    run(load_recipe(args.config, args.overrides), force=args.force, targets=args.target)
+    parser.add_argument("--allow-failed-gates", action="store_true",
+                        help="export although the evaluation gates failed; recorded in the manifest and serving.json")  # fmt: skip
 
+
+main = cli.stage_main(STAGE, run, _arguments)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

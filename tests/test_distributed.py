@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, launch, sft, training
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError
+from pipeline.core import artifacts, launch, training
+from pipeline import sft
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError
 
 from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
 from test_sft import losses, no_pickles, prepare, wait_for
@@ -87,7 +88,7 @@ def test_sft_then_dpo_with_two_processes(tmp_path: Path, config: str) -> None:
         assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 1)
         steps = [e["step"] for e in json.loads((out / artifacts.LOG_HISTORY).read_text()) if "loss" in e]
         assert steps == list(range(1, len(steps) + 1)) and metrics["optimizer_steps"] == {"sft": 6, "dpo": 4}[stage]
-        assert not list(recipe.run_dir.glob("*.partial")) and not (out / training.CHECKPOINTS_DIR).exists()
+        assert not list(recipe.run_dir.glob("*.partial")) and not (out / artifacts.CHECKPOINTS_DIR).exists()
         no_pickles(out)
 
     # Full fine-tuning: whole weights (ZeRO-3 gathers its partitions), loading without DeepSpeed.
@@ -141,7 +142,7 @@ def test_zero2_run_killed_then_rerun_resumes_from_its_checkpoint(tmp_path: Path)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2.yaml"),
                "pipeline/sft.py", "--config", str(recipe.source_path)]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = recipe.run_dir / "sft.partial" / training.CHECKPOINTS_DIR
+    checkpoints = recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR
     try:
         found = wait_for(checkpoints, "checkpoint-*", process)
     finally:
@@ -208,8 +209,9 @@ def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path: Path) ->
 def test_sigterm_to_the_launcher_checkpoints_both_ranks_then_the_rerun_resumes(tmp_path: Path) -> None:
     """A scheduler stopping the job signals the launcher, which passes SIGTERM on to each rank at its own moment."""
     recipe = prepare(two_stage_recipe(tmp_path, max_steps=400, save_steps=10_000, logging_steps=1))
+    # -v: the trainer's log lines, so the test sees training under way.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-               "pipeline/sft.py", "--config", str(recipe.source_path)]  # fmt: skip
+               "pipeline/sft.py", "-v", "--config", str(recipe.source_path)]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in process.stdout:

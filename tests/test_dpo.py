@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, dpo, sft, training
-from pipeline.config import load_recipe
-from pipeline.errors import MissingArtifactError
+from pipeline.core import artifacts, stages
+from pipeline import dpo, sft
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import MissingArtifactError
 
 from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
 from test_sft import losses, no_pickles, prepare, wait_for
@@ -20,7 +21,7 @@ from test_sft import losses, no_pickles, prepare, wait_for
 
 def dpo_recipe(
     tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora", *, with_pairs: bool = True,
-    sections: dict | None = None, **dpo_settings,
+    sections: dict | None = None, sft_settings: dict | None = None, **dpo_settings,
 ) -> Path:  # fmt: skip
     sources = [{"path": str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(64)))}]
     if with_pairs:
@@ -31,7 +32,7 @@ def dpo_recipe(
     return write_recipe(
         tmp_path,
         sources,
-        sft={"method": sft_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 6, "lora": lora},
+        sft={"method": sft_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 6, "lora": lora, **(sft_settings or {})},
         dpo=dpo_section,
         **(sections or {}),
     )
@@ -51,15 +52,16 @@ def weights(folder: Path) -> dict:
 
 def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path))
-    out = dpo.run(recipe)
+    dpo.run(recipe)
+    out = recipe.run_dir / "dpo"
     base_dir = out / artifacts.DPO_BASE_DIR
     import torch
 
-    from pipeline import models
+    from pipeline.core import models
 
     merged = weights(base_dir)
     assert all(t.dtype == torch.float32 for t in merged.values())
-    reference = models.load_merged(recipe.run_dir / "base", recipe.run_dir / "sft" / artifacts.MODEL_DIR, "float32")
+    reference = models.load_merged(recipe.run_dir / "base", recipe.run_dir / "sft" / artifacts.MODEL_DIR, recipe.model)
     for name, tensor in reference.state_dict().items():
         if name in merged:
             assert torch.allclose(merged[name], tensor, atol=1e-6), name
@@ -70,13 +72,14 @@ def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
     assert manifest["model"] == {"base": artifacts.DPO_BASE_DIR, "base_inside_artifact": True, "adapter": True}
     assert {"rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies"} <= set(manifest["metrics"])
     assert set(manifest["inputs"]) == {"data", "sft"}
-    base, adapter = training.trained_model_location(out)
+    base, adapter = artifacts.model_location(out)
     assert base == base_dir and adapter == out / artifacts.MODEL_DIR
 
 
 def test_qlora_dpo_trains_on_the_cpu_and_keeps_a_full_precision_base(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path, sft_method="qlora", dpo_method="qlora"))
-    out = dpo.run(recipe)
+    dpo.run(recipe)
+    out = recipe.run_dir / "dpo"
     curve = losses(out)
     assert len(curve) == 8 and all(loss == loss for loss in curve)  # every step logged, no NaN
     merged = weights(out / artifacts.DPO_BASE_DIR)
@@ -85,12 +88,13 @@ def test_qlora_dpo_trains_on_the_cpu_and_keeps_a_full_precision_base(tmp_path: P
 
 def test_full_dpo_trains_every_weight_against_a_frozen_reference(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path, sft_method="full", dpo_method="full"))
-    out = dpo.run(recipe)
+    dpo.run(recipe)
+    out = recipe.run_dir / "dpo"
     trained = weights(out / artifacts.MODEL_DIR)
     start = weights(recipe.run_dir / "sft" / artifacts.MODEL_DIR)
     assert any(not (trained[k] == start[k]).all() for k in start)
     assert not (out / artifacts.DPO_BASE_DIR).exists()
-    assert training.trained_model_location(out) == (out / artifacts.MODEL_DIR, None)
+    assert artifacts.model_location(out) == (out / artifacts.MODEL_DIR, None)
 
 
 def test_dpo_sigterm_saves_and_a_rerun_resumes(tmp_path: Path) -> None:
@@ -98,12 +102,13 @@ def test_dpo_sigterm_saves_and_a_rerun_resumes(tmp_path: Path) -> None:
     recipe = prepare_with_sft(path)
     process = subprocess.Popen([sys.executable, "-m", "pipeline.dpo", "--config", str(path)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(recipe.run_dir / "dpo.partial" / training.CHECKPOINTS_DIR, "checkpoint-10", process)
+    wait_for(recipe.run_dir / "dpo.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-10", process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == stages.STOPPED_EXIT_CODE, stderr[-3000:]
     assert not artifacts.manifest_is_complete(recipe.run_dir / "dpo")
-    out = dpo.run(load_recipe(path))
+    assert dpo.run(load_recipe(path)) == stages.Outcome.RAN
+    out = recipe.run_dir / "dpo"
     metrics = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
     assert metrics["resumed_from"].startswith("checkpoint-") and metrics["optimizer_steps"] == 40
 

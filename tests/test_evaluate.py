@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, evaluate
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError, MissingArtifactError, PipelineError
+from pipeline.core import artifacts
+from pipeline import evaluate
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError, MissingArtifactError, PipelineError
 
 from conftest import run_module, write_jsonl, write_recipe
 from test_dpo import dpo_recipe, prepare_with_sft
@@ -28,26 +29,29 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
     recipe = load_recipe(small_run, ["evaluate.backend=hf"])
     eval_dir = recipe.run_dir / "eval"
-    metrics = json.loads((eval_dir / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((eval_dir / artifacts.METRICS_FILE).read_text())
     assert list(metrics["models"]) == ["base", "sft"]
     for scores in metrics["models"].values():
-        assert {"exact_match", "rouge1", "rougeL", "sacrebleu", "perplexity", "preference_accuracy", "mean_margin"} <= set(scores)
+        assert {"exact_match", "rouge1", "rougeL", "sacrebleu", "perplexity", "preference_accuracy", "mean_margin", "chosen_match"} <= set(scores)
         assert scores["perplexity"] > 1
+        assert set(scores["by_source"]) == {s.label for s in recipe.data.sources}
     manifest = json.loads((eval_dir / artifacts.MANIFEST).read_text())
     assert set(manifest["inputs"]) == {"data", "base", "sft"} and manifest["metrics"]["backend"] == "hf"
+    assert metrics["engine"] == {"backend": "hf", "dtype": "float32", "enforce_eager": True}
 
 
 def test_a_failed_gate_exits_non_zero_with_a_table_and_keeps_the_report(small_run: Path) -> None:
     result = run_module("pipeline.evaluate", "--config", str(small_run), "evaluate.backend=hf",
                         "evaluate.gates={sft.exact_match: 0.99, sft-base.perplexity: 0.0}")  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "evaluation gates failed" in result.stderr and "Traceback" not in result.stderr
+    assert "evaluation gates failed: sft.exact_match" in result.stderr and "Traceback" not in result.stderr
+    assert f"python -m pipeline.export --config {small_run} --allow-failed-gates" in result.stderr
     assert "| sft.exact_match |" in result.stderr and "FAIL" in result.stderr
     assert "| sft-base.perplexity |" in result.stderr  # lower perplexity than base passes
     line = next(l for l in result.stderr.splitlines() if l.startswith("| sft-base.perplexity"))
     assert line.rstrip().endswith("| pass |")
     recipe = load_recipe(small_run, ["evaluate.backend=hf"])
-    assert (recipe.run_dir / "eval" / evaluate.REPORT_FILE).is_file()
+    assert (recipe.run_dir / "eval" / artifacts.REPORT_FILE).is_file()
     assert artifacts.read_manifest(recipe.run_dir / "eval")["metrics"]["gates_passed"] is False
 
 
@@ -60,14 +64,44 @@ def test_no_model_artifacts_names_the_stage_to_run(tmp_path: Path) -> None:
         evaluate.run(recipe)
 
 
-def test_eval_split_without_references(tmp_path: Path) -> None:
+def test_tool_calls_are_scored_even_without_text_answers(tmp_path: Path) -> None:
+    """Held-out conversations that end in a tool call have no text to match, but their calls are scored."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    rows = [{"messages": [{"role": "user", "content": f"call tool {i}"},
+                          {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+             "tools": tools} for i in range(30)]  # fmt: skip
+    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "tools.jsonl", rows))}], evaluate={"backend": "hf"})
+    recipe = prepare(path)
+    evaluate.run(recipe)
+    scores = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())["models"]["base"]
+    assert "exact_match" not in scores and {"tool_call_rate", "tool_name_accuracy", "tool_arguments_accuracy"} <= set(scores)
+
+
+def test_a_held_out_split_with_nothing_to_evaluate(tmp_path: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": f"call tool {i}"},
                           {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}
             for i in range(30)]  # fmt: skip
-    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "tools.jsonl", rows))}], evaluate={"backend": "hf"})
+    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "calls.jsonl", rows))}], evaluate={"backend": "hf"})
     recipe = prepare(path)
-    with pytest.raises(PipelineError, match=r"has no reference answers .* so exact_match, rouge, sacrebleu cannot be computed"):
+    with pytest.raises(PipelineError, match=r"has nothing to evaluate: no held-out answer with text, no tool call"):
         evaluate.run(recipe)
+
+
+def test_tool_call_scores_read_calls_as_the_hermes_parser_does() -> None:
+    from pipeline.core import scoring
+
+    due = [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    outputs = [
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',  # right
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',  # wrong argument
+        '<tool_call>{"name": "get_daytime", "arguments": {"city": "Oslo"}}</tool_call>',  # wrong tool
+        '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',  # not JSON
+        "sunny",  # no call where one is due
+        '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>',  # a call where none is due
+        "4",
+    ]
+    scores = scoring.tool_call_scores(outputs, [due, due, due, due, due, [], []])
+    assert scores == {"tool_call_rate": 3 / 5, "tool_name_accuracy": 2 / 5, "tool_arguments_accuracy": 1 / 5, "tool_false_call_rate": 1 / 2}
 
 
 def test_unknown_metric_lists_the_shipped_ones(tmp_path: Path) -> None:
@@ -76,12 +110,12 @@ def test_unknown_metric_lists_the_shipped_ones(tmp_path: Path) -> None:
 
 
 def test_malformed_gate_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'final\.exact_match' is not MODEL\.METRIC"):
-        load_recipe(dpo_recipe(tmp_path), ["evaluate.gates={final.exact_match: 0.5}"])
+    with pytest.raises(ConfigError, match=r"'export\.exact_match' is not MODEL\.METRIC .* among base, sft, dpo"):
+        load_recipe(dpo_recipe(tmp_path), ["evaluate.gates={export.exact_match: 0.5}"])
 
 
 def test_shipped_metrics_are_deterministic_and_load_offline() -> None:
-    from pipeline import scoring
+    from pipeline.core import scoring
 
     predictions, references = ["cat", "a dog", "x"], ["cat", "the dog", "y"]
     first = scoring.compute_metric("rouge", predictions, references)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, dpo, export
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError, MissingArtifactError, PipelineError
+from pipeline.core import artifacts
+from pipeline import dpo, export
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError, MissingArtifactError, PipelineError
 
 from conftest import run_module
 from test_dpo import dpo_recipe, prepare_with_sft
@@ -24,7 +25,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     path = dpo_recipe(tmp_path, sft_method="qlora", sections={"export": {"adapter_only": True}})
     recipe = prepare_with_sft(path)
     dpo.run(recipe)
-    return export.run(recipe), recipe
+    export.run(recipe)
+    return recipe.run_dir / "export", recipe
 
 
 def test_hf_export_is_safetensors_with_every_stop_token_and_a_serving_file(exported) -> None:
@@ -38,10 +40,10 @@ def test_hf_export_is_safetensors_with_every_stop_token_and_a_serving_file(expor
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     stops = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
     assert sorted(stops) == sorted([tokenizer.eos_token_id, end_of_turn])
-    serving = json.loads((out / export.SERVING_FILE).read_text())
+    serving = json.loads((out / artifacts.SERVING_FILE).read_text())
     assert serving["max_model_len"] == recipe.data.max_length and serving["stop_token_ids"] == sorted(stops)
     assert serving["served_model_name"] == recipe.run.name and (out / serving["chat_template"]).is_file()
-    assert serving["lora"]["path"] == export.ADAPTER_DIR and (out / export.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert serving["lora"]["path"] == artifacts.ADAPTER_DIR and (out / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Is 4 even or odd?"}], add_generation_prompt=True,
                                         return_dict=True, return_tensors="pt")  # fmt: skip
@@ -57,7 +59,9 @@ def test_the_stage_records_its_parity_checks(exported) -> None:
     assert checks["template_parity"]["mismatches"] == 0 and checks["template_parity"]["end_of_turn_is_stop"]
     fp32 = checks["onnx"]["fp32"]
     assert fp32["agreement_rate"] == 1.0 and fp32["first_step_max_abs_logit_diff"] <= export.ONNX_LOGIT_TOLERANCE
-    assert 0.0 <= checks["onnx"]["int4"]["agreement_rate"] <= 1.0
+    assert checks["onnx"]["int4"]["prompts"] == checks["onnx"]["fp32"]["prompts"] > 0
+    assert checks["template_parity"]["with_tools"] == 0  # the test data declares no tools
+    assert checks["tool_call_parser"] == "hermes" and checks["gates"] == "none"
 
 
 def test_a_qlora_trained_adapter_merges_into_full_precision_weights(exported) -> None:
@@ -70,27 +74,39 @@ def test_a_qlora_trained_adapter_merges_into_full_precision_weights(exported) ->
     assert not [k for k in weights if "absmax" in k or "quant_state" in k or "lora_" in k]
 
 
-def test_onnx_export_generates_with_onnxruntime_genai(exported) -> None:
+def test_onnx_export_tokenizes_and_generates_as_pytorch_does(exported) -> None:
+    """The ONNX folder is self-contained: its own tokenizer gives the training tokenizer's ids, and its greedy
+    continuation equals PyTorch's."""
     import numpy as np
     import onnxruntime_genai as og
 
+    from pipeline.core import chat
+
     out, _ = exported
-    model = og.Model(str(out / export.ONNX_DIR / "fp32"))
-    tokenizer = og.Tokenizer(model)
-    prompt = tokenizer.encode("<|im_start|>user\nIs 4 even or odd?<|im_end|>\n<|im_start|>assistant\n")
+    model = og.Model(str(out / artifacts.ONNX_DIR / "fp32"))
+    text = "<|im_start|>user\nIs 4 even or odd?<|im_end|>\n<|im_start|>assistant\n"
+    prompt = [int(t) for t in og.Tokenizer(model).encode(text)]
+    training_tokenizer = chat.load_tokenizer(out / artifacts.MODEL_DIR)
+    assert prompt == training_tokenizer(text, add_special_tokens=False)["input_ids"]
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt) + 8)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(prompt, dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    assert len(generator.get_sequence(0)) > len(prompt)
+    onnx_tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    torch_tokens, _ = export._torch_greedy(out / artifacts.MODEL_DIR, [prompt], 8)
+    stops = set(artifacts.read_serving_file(out)["stop_token_ids"])
+    def until_stop(tokens: list[int]) -> list[int]:
+        return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+    assert until_stop(onnx_tokens) == until_stop(torch_tokens[0])
 
 
 def test_export_with_no_trained_model(tmp_path: Path) -> None:
     recipe = prepare(dpo_recipe(tmp_path))
-    with pytest.raises(MissingArtifactError, match=r"no trained model in .* to export .*Run `accelerate launch pipeline/sft\.py"):
-        export.run(recipe, targets=["hf"])
+    with pytest.raises(MissingArtifactError, match=r"the export stage needs a trained model, but .* has no complete sft or dpo artifact\. Run `accelerate launch pipeline/sft\.py"):
+        export.run(recipe, target=["hf"])
 
 
 def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,24 +116,29 @@ def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, m
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs onnxruntime-genai.*install the `onnx` extra"):
-        export.run(recipe, targets=["onnx"])
+        export.run(recipe, target=["onnx"])
 
 
 def test_unsupported_architecture_skips_onnx_and_still_exports_hf(tmp_path: Path) -> None:
     gpt2 = {"init": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}}
     path = dpo_recipe(tmp_path, sft_method="full", sections={"model": gpt2})
     recipe = prepare_with_sft(path)
-    out = export.run(recipe, targets=["hf", "onnx"])
+    export.run(recipe, target=["hf", "onnx"])
+    out = recipe.run_dir / "export"
     checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
     assert checks["onnx"]["status"] == "unsupported" and "does not support this architecture" in checks["onnx"]["message"]
-    assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / export.ONNX_DIR).exists()
+    assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / artifacts.ONNX_DIR).exists()
 
 
-def test_export_refuses_a_failed_gate_unless_forced(tmp_path: Path) -> None:
+def test_export_refuses_a_failed_gate_unless_allowed_and_records_it(tmp_path: Path) -> None:
     path = dpo_recipe(tmp_path, sft_method="full", sections={"evaluate": {"backend": "hf", "gates": {"sft.exact_match": 0.99}}})
     prepare_with_sft(path)
     assert run_module("pipeline.evaluate", "--config", str(path)).returncode == 2
     refused = run_module("pipeline.export", "--config", str(path), "--target", "hf")
     assert refused.returncode == 2 and "export refuses a model that failed its gates" in " ".join(refused.stderr.split())
-    forced = run_module("pipeline.export", "--config", str(path), "--target", "hf", "--force")
-    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert "--allow-failed-gates" in refused.stderr
+    allowed = run_module("pipeline.export", "--config", str(path), "--target", "hf", "--allow-failed-gates")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "EXPORTED DESPITE FAILING GATES" in allowed.stdout
+    out = load_recipe(path).run_dir / "export"
+    assert artifacts.read_manifest(out)["metrics"]["gates"] == "failed" and artifacts.read_serving_file(out)["gates"] == "failed"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline import formats
-from pipeline.formats import Drop, Malformed, detect_format, normalise_preference, normalise_sft
+from pipeline.core import formats
+from pipeline.core.formats import Drop, Malformed, detect_format, normalise_preference, normalise_sft
 
 
 def m(role: str, content: str, tool_calls=None) -> dict:

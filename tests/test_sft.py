@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import artifacts, base, data, launch, sft, training
-from pipeline.config import load_recipe
-from pipeline.errors import ConfigError, DataError, MissingArtifactError
+from pipeline.core import artifacts, launch, stages, training
+from pipeline import base, data, sft
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError, DataError, MissingArtifactError
 
 from conftest import REPO, chat_rows, write_jsonl, write_recipe
 
@@ -50,7 +51,8 @@ def no_pickles(folder: Path) -> None:
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "full"])
 def test_each_method_trains_and_writes_safetensors(tmp_path: Path, method: str) -> None:
     recipe = prepare(small_sft_recipe(tmp_path, method=method))
-    out = sft.run(recipe)
+    sft.run(recipe)
+    out = recipe.run_dir / "sft"
     curve = losses(out)
     assert curve[-1] < curve[0], f"{method}: loss did not fall: {curve}"
     model_dir = out / artifacts.MODEL_DIR
@@ -61,7 +63,7 @@ def test_each_method_trains_and_writes_safetensors(tmp_path: Path, method: str) 
         config = json.loads((model_dir / "adapter_config.json").read_text())
         assert config["use_dora"] is (method == "dora")
     assert (model_dir / "chat_template.jinja").is_file() and (out / artifacts.LOSS_PLOT).is_file()
-    assert not (out / training.CHECKPOINTS_DIR).exists(), "resume checkpoints are not part of the artifact"
+    assert not (out / artifacts.CHECKPOINTS_DIR).exists(), "resume checkpoints are not part of the artifact"
     no_pickles(out)
     manifest = json.loads((out / artifacts.MANIFEST).read_text())
     assert manifest["metrics"]["method"] == method and manifest["metrics"]["optimizer_steps"] == 12
@@ -89,7 +91,7 @@ def test_loss_mask_covers_assistant_turns_and_end_of_turn_only(tmp_path: Path) -
     recipe = prepare(recipe_path)
     import datasets
 
-    from pipeline import chat
+    from pipeline.core import chat
 
     tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
     train = datasets.load_from_disk(str(recipe.run_dir / "data" / "sft"))["train"].select_columns(["messages", "input_ids", "assistant_masks"])
@@ -113,7 +115,8 @@ def test_same_seed_same_curve_other_seed_other_curve(tmp_path: Path) -> None:
         folder = tmp_path / f"run{attempt}"
         folder.mkdir()
         recipe = prepare(small_sft_recipe(folder, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}), f"run.seed={seed}")
-        curves.append(losses(sft.run(recipe)))
+        sft.run(recipe)
+        curves.append(losses(recipe.run_dir / "sft"))
     assert curves[0] == curves[1]
     assert curves[0] != curves[2]
 
@@ -153,12 +156,13 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir(), killed_dir.mkdir()
     reference = prepare(resume_recipe(reference_dir))
-    expected = sft.run(reference)
+    sft.run(reference)
+    expected = reference.run_dir / "sft"
 
     killed_recipe_path = resume_recipe(killed_dir)
     killed = prepare(killed_recipe_path)
     process = run_sft_cli(killed_recipe_path)
-    checkpoints = killed.run_dir / "sft.partial" / training.CHECKPOINTS_DIR
+    checkpoints = killed.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR
     wait_for(checkpoints, "checkpoint-20", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -178,21 +182,23 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     assert losses(out)[-4:] == losses(expected)[-4:]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0_then_resume_refuses_drift(tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_refuses_drift(tmp_path: Path) -> None:
     recipe_path = resume_recipe(tmp_path)
     recipe = prepare(recipe_path)
     process = run_sft_cli(recipe_path)
-    wait_for(recipe.run_dir / "sft.partial" / training.CHECKPOINTS_DIR, "checkpoint-10", process)
+    wait_for(recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-10", process)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == stages.STOPPED_EXIT_CODE, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout
     assert not artifacts.manifest_is_complete(recipe.run_dir / "sft")
     assert training.complete_checkpoints(recipe.run_dir / "sft.partial")
 
     with pytest.raises(Exception, match=r"changed since it started.*--allow-drift") as caught:
         sft.run(load_recipe(recipe_path, ["sft.learning_rate=1e-3"]))
     assert "the recipe" in str(caught.value)
-    out = sft.run(load_recipe(recipe_path))  # unchanged recipe: resumes and completes
+    sft.run(load_recipe(recipe_path))  # unchanged recipe: resumes and completes
+    out = recipe.run_dir / "sft"
     assert json.loads((out / artifacts.MANIFEST).read_text())["metrics"]["resumed_from"].startswith("checkpoint-")
 
 
@@ -229,7 +235,7 @@ def test_max_length_shorter_than_every_example(tmp_path: Path) -> None:
 
 
 def test_global_batch_is_the_same_for_any_process_count() -> None:
-    from pipeline.config import SFTSection
+    from pipeline.core.config import SFTSection
 
     section = SFTSection(global_batch_size=32, trainer={"per_device_train_batch_size": 4})
     plans = [training.plan_batch(section, "sft", n) for n in (1, 2, 4, 8)]

@@ -1,4 +1,5 @@
-"""The artifact contract: stage folders, file-name constants, manifests, up-to-date checks.
+"""The artifact schema, in one place: folder layout and file names, manifests and their input records, where a
+training stage's model lives, and `serving.json`.
 
 A stage works in `<run>/<stage>.partial/` and, once everything is written, writes `manifest.json` there
 atomically and swaps the folder into `<run>/<stage>/`. A crashed or killed stage therefore never leaves a
@@ -21,44 +22,34 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import MissingArtifactError
 
-# ------------------------------------------------------------------------------------ file-name constants
+# ------------------------------------------------------------------------------------------ the layout
+# Every file and folder name of every artifact: stages, serving and benchmarks import them from here.
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+# data/
 STATS = "stats.json"
 TOKENIZER_DIR = "tokenizer"
 SFT_DATA_DIR = "sft"  # DatasetDict with train/eval splits of chat `messages`, tokenized
 PREFERENCE_DATA_DIR = "preference"  # DatasetDict with train/eval splits of prompt/chosen/rejected
+# sft/, dpo/ (and the base/ folder, which holds a model directly)
 MODEL_DIR = "model"
 LOG_HISTORY = "log_history.json"
 TRAINING_ARGS = "training_args.json"
 LOSS_PLOT = "loss.png"
 REWARDS_PLOT = "rewards.png"
 DPO_BASE_DIR = "base_model"  # the SFT model a DPO adapter was trained on, merged to full precision
-
-# Stage names, in pipeline order, and the command that produces each one's artifact.
-STAGE_COMMANDS = {
-    "data": "python -m pipeline.data",
-    "base": "python -m pipeline.base",
-    "sft": "accelerate launch pipeline/sft.py",
-    "dpo": "accelerate launch pipeline/dpo.py",
-    "eval": "python -m pipeline.evaluate",
-    "export": "python -m pipeline.export",
-}
-
-# The recipe keys each stage's artifact depends on: changing any other key leaves that artifact up to date.
-STAGE_CONFIG_SECTIONS = {
-    "data": (
-        "run.seed", "data", "model.name_or_path", "model.tokenizer", "model.train_tokenizer_vocab_size",
-        "model.chat_template", "model.revision",
-    ),
-    "base": ("run.seed", "model.init", "model.dtype"),
-    "sft": ("run.seed", "model", "sft", "data.max_length"),
-    "dpo": ("run.seed", "model", "sft.method", "dpo", "data.max_length"),
-    "eval": ("evaluate", "model.dtype"),
-    "export": ("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
-}  # fmt: skip
+CHECKPOINTS_DIR = "checkpoints"  # in <stage>.partial/ while training; removed when the stage completes
+RESUME_KEY = "resume_key.json"
+# eval/
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+REPORT_FILE = "report.md"
+METRICS_PLOT = "metrics.png"
+# export/
+SERVING_FILE = "serving.json"
+ONNX_DIR = "onnx"
+ADAPTER_DIR = "adapter"
 
 TRACKED_PACKAGES = (
     "torch", "transformers", "tokenizers", "datasets", "trl", "peft", "accelerate", "bitsandbytes",
@@ -100,10 +91,6 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / stage
-
-
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     try:
@@ -124,34 +111,33 @@ def manifest_is_complete(folder: Path) -> bool:
     return True
 
 
-def require_stage(run_dir: Path, stage: str, needed_by: str, recipe: Any = None) -> Path:
-    """The folder of a complete upstream artifact, or an error naming the command to run first.
-
-    With a recipe, the artifact must also have been made with the recipe's current settings for that stage.
-    """
-    folder = stage_dir(run_dir, stage)
-    command = f"`{STAGE_COMMANDS[stage]} --config {getattr(recipe, 'source_path', '<recipe>')}`"
-    if not manifest_is_complete(folder):
-        state = "is incomplete (its manifest is missing or does not list every file)" if folder.exists() else "does not exist"
-        raise MissingArtifactError(
-            f"the {needed_by} stage needs the '{stage}' artifact, but {folder} {state}. Run {command} first."
-        )
-    if recipe is not None:
-        recorded = (read_manifest(folder) or {}).get("config_hash")
-        if recorded != recipe.section_hash(*STAGE_CONFIG_SECTIONS[stage]):
-            raise MissingArtifactError(
-                f"the '{stage}' artifact in {folder} was made with other settings than the recipe now has (one of "
-                f"{', '.join(STAGE_CONFIG_SECTIONS[stage])} changed). Run {command} first."
-            )
-    return folder
-
-
 def input_record(path: Path) -> dict[str, Any]:
     """How an input is identified in a manifest: an upstream artifact by its manifest's hash, a file by its own."""
     path = Path(path)
     if path.is_dir():
         return {"kind": "artifact", "path": str(path), "sha256": sha256_file(path / MANIFEST)}
     return {"kind": "file", "path": str(path), "sha256": sha256_file(path)}
+
+
+def files_record(kind: str, name: str, paths: list[Path]) -> dict[str, Any]:
+    """An input made of several files (a cached Hub dataset): one hash over their hashes, in order."""
+    digest = hashlib.sha256("".join(sha256_file(Path(p)) for p in paths).encode())
+    return {"kind": kind, "path": name, "sha256": digest.hexdigest()}
+
+
+def model_input_record(name: str, revision: str | None) -> dict[str, Any]:
+    """A pretrained model named by Hub id or folder: identified by that name and revision, not by a hash."""
+    return {"kind": "model", "path": name, "revision": revision}
+
+
+def setting_record(name: str, value: Any) -> dict[str, Any]:
+    """A command-line choice that changes what an artifact is (export's --target), identified by its value."""
+    return {"kind": "setting", "path": name, "value": value}
+
+
+def input_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes an input the same input: everything but where it was found."""
+    return {key: value for key, value in record.items() if key != "path"}
 
 
 def _output_records(folder: Path) -> dict[str, dict[str, Any]]:
@@ -176,8 +162,9 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 class StageRun:
     """One execution of a stage: where to write, what went in, and the final manifest.
 
-    Use `prepare()` to learn whether the stage is up to date, write outputs under `work_dir`, then call
-    `complete(metrics)`. Anything that raises before `complete` leaves the previous artifact untouched.
+    `up_to_date()` says whether a complete artifact already matches; otherwise `begin()`, write outputs under
+    `work_dir`, then `complete(metrics)`. Anything that raises before `complete` leaves the previous artifact
+    untouched.
     """
 
     stage: str
@@ -189,15 +176,11 @@ class StageRun:
 
     @property
     def final_dir(self) -> Path:
-        return stage_dir(self.run_dir, self.stage)
+        return Path(self.run_dir) / self.stage
 
     @property
     def work_dir(self) -> Path:
         return self.run_dir / f"{self.stage}{PARTIAL_SUFFIX}"
-
-    @classmethod
-    def for_recipe(cls, stage: str, recipe: Any) -> StageRun:
-        return cls(stage, recipe.run_dir, recipe.to_dict(), recipe.section_hash(*STAGE_CONFIG_SECTIONS[stage]))
 
     def add_input(self, name: str, path: Path) -> None:
         self.inputs[name] = input_record(path)
@@ -207,8 +190,8 @@ class StageRun:
         if not manifest_is_complete(self.final_dir):
             return False
         manifest = read_manifest(self.final_dir) or {}
-        recorded = {name: info.get("sha256") for name, info in manifest.get("inputs", {}).items()}
-        current = {name: info["sha256"] for name, info in self.inputs.items()}
+        recorded = {name: input_identity(record) for name, record in manifest.get("inputs", {}).items()}
+        current = {name: input_identity(record) for name, record in self.inputs.items()}
         return manifest.get("config_hash") == self.config_hash and recorded == current
 
     def begin(self, *, keep_partial: bool = False) -> Path:
@@ -247,3 +230,66 @@ class StageRun:
         os.replace(self.work_dir, self.final_dir)
         shutil.rmtree(previous, ignore_errors=True)
         return self.final_dir
+
+
+# ------------------------------------------------------------------------------------------ model records
+
+
+def model_record(base: str | Path, *, inside_artifact: bool, adapter: bool) -> dict[str, Any]:
+    """How a training manifest says where its trained weights are: a base plus, for adapter methods, the adapter
+    in `model/`. A base outside the artifact is a Hub id or a local folder (kept absolute, so any working
+    directory finds it)."""
+    if not inside_artifact and Path(base).exists():
+        base = Path(base).resolve()
+    return {"base": str(base), "base_inside_artifact": inside_artifact, "adapter": adapter}
+
+
+def model_location(folder: Path) -> tuple[str | Path, Path | None]:
+    """(base model path or id, adapter folder or None) of a model artifact; the base stage's folder is the model."""
+    record = (read_manifest(folder) or {}).get("model")
+    if record is None:
+        return Path(folder), None
+    base = Path(folder) / record["base"] if record["base_inside_artifact"] else record["base"]
+    return base, (Path(folder) / MODEL_DIR if record["adapter"] else None)
+
+
+# ---------------------------------------------------------------------------------------------- serving.json
+
+
+def write_serving_file(
+    folder: Path, *, served_model_name: str, max_model_len: int, dtype: str, stop_ids: list[int], stop_tokens: list[str],
+    tool_call_parser: str | None, lora: dict[str, str] | None, gates: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """What `serving.vllm_server` starts vLLM from; paths are relative to `folder`."""
+    record = {
+        "served_model_name": served_model_name,
+        "model": MODEL_DIR,
+        "max_model_len": max_model_len,
+        "chat_template": f"{MODEL_DIR}/chat_template.jinja",
+        "stop_token_ids": stop_ids,
+        "stop_tokens": stop_tokens,
+        "dtype": dtype,
+        "tool_call_parser": tool_call_parser,
+        "lora": lora,
+        "gates": gates,
+    }
+    (Path(folder) / SERVING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_serving_file(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / SERVING_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def weights_identity(folder: Path) -> str:
+    """A hash of a model artifact's weights: its safetensors files, and for an adapter trained on a base outside
+    the artifact, that base's own weights (or, for a Hub model, its name and revision). Retraining to the same
+    weights gives the same identity; anything else in the manifest (times, paths) does not count."""
+    manifest = read_manifest(folder) or {}
+    weights: dict[str, Any] = {name: info["sha256"] for name, info in manifest.get("outputs", {}).items() if name.endswith(".safetensors")}
+    record = manifest.get("model")
+    if record and record["adapter"] and not record["base_inside_artifact"]:
+        base = Path(record["base"])
+        pretrained = manifest.get("inputs", {}).get("model")
+        weights["base"] = weights_identity(base) if (base / MANIFEST).is_file() else input_identity(pretrained or {"path": str(base)})
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()

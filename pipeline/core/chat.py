@@ -7,10 +7,11 @@ saved in the data artifact, so the ids the model is trained on are the ids it is
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,8 +49,7 @@ def parse_tools(tools: str | None) -> list[dict[str, Any]] | None:
     return json.loads(tools) if tools else None
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, chat_template: str) -> PreTrainedTokenizerBase:
-    """A byte-level BPE tokenizer trained on `texts`, digits split one per token, with ChatML special tokens."""
+def _byte_level_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,9 +66,28 @@ def train_tokenizer(texts: list[str], vocab_size: int, chat_template: str) -> Pr
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=None, unk_token=None
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=None, unk_token=None)
+
+
+def train_tokenizer(
+    conversations: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]], vocab_size: int, chat_template: str
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on the conversations as the chat template renders them, digits split one
+    per token, with ChatML special tokens.
+
+    Training on the rendered text, not only the message contents, gives the template's own words, tool schemas
+    and tool-call JSON merges of their own: the sequences the model trains on are that much shorter.
+    """
+    # Rendering text needs a template, not a vocabulary: the byte alphabet alone renders it.
+    renderer = _byte_level_bpe([], 0)
+    renderer.chat_template = chat_template
+    texts = []
+    for messages, tools in conversations:
+        text = renderer.apply_chat_template(clean_messages(messages), tools=tools, tokenize=False)
+        for special in CHATML_SPECIAL_TOKENS:  # special tokens stay whole; BPE must not spend merges on them
+            text = text.replace(special, "\n")
+        texts.append(text)
+    tokenizer = _byte_level_bpe(texts, vocab_size)
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -150,3 +169,41 @@ def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if not masked:
         raise ConfigError("the chat template's generation markers enclose no tokens of the assistant turn.")
     return masked[-1]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends an answer: EOS and the template's end-of-turn token."""
+    return sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)})
+
+
+# ------------------------------------------------------------------------------------------- tool calls
+
+TOOL_CALL_PATTERN = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def tool_call_parser(chat_template: str | None) -> str | None:
+    """The vLLM tool parser that reads the calls this template renders, or None if no known parser fits.
+
+    Templates that write each call as JSON inside <tool_call>...</tool_call> (the shipped ChatML, Qwen 2.5, Hermes)
+    are read by vLLM's `hermes` parser.
+    """
+    if chat_template and "<tool_call>" in chat_template and "</tool_call>" in chat_template:
+        return "hermes"
+    return None
+
+
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """The tool calls in generated text, read as the hermes parser reads them: each a dict with `name` and
+    `arguments` (a dict), or with `error` when the call is not valid JSON of that shape."""
+    calls = []
+    for body in TOOL_CALL_PATTERN.findall(text):
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            calls.append({"error": f"not JSON: {body[:80]!r}"})
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}), dict):
+            calls.append({"error": f"not a call of name and arguments: {body[:80]!r}"})
+            continue
+        calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+    return calls

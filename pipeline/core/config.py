@@ -23,7 +23,7 @@ import re
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -55,8 +55,8 @@ SourceFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_complet
 class SourceConfig:
     """One input data set. Exactly one of `path` (local JSON/JSONL/Parquet/CSV) or `hub` (a dataset name)."""
 
-    path: str | None = None
-    hub: str | None = None
+    path: str | None = None  # a local .json, .jsonl, .parquet or .csv file, relative to the working folder
+    hub: str | None = None  # a Hugging Face Hub dataset name (needs the Hub, or its cache)
     hub_config: str | None = None  # the dataset's configuration name, if it has several
     split: str = "train"  # the split read from a Hub dataset
     format: SourceFormat = "auto"  # detected from the columns when "auto"
@@ -76,19 +76,51 @@ class SourceConfig:
 @dataclass
 class RunConfig:
     name: str = "tiny"  # artifacts go to <output_dir>/<name>/<stage>/
-    seed: int = 42
-    output_dir: str = "checkpoints"
+    seed: int = 42  # seeds data splits, model initialisation and every training stage
+    output_dir: str = "checkpoints"  # where every run's folder goes
+    # Experiment trackers every training stage and the evaluation report to (transformers' integration names, e.g.
+    # tensorboard, trackio, wandb); their files go to <output_dir>/<name>/tracking/<stage>/. Empty: none.
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NearDuplicatesConfig:
+    """Near-duplicate prompts by meaning (pipeline/core/near_duplicates.py): all-MiniLM-L6-v2 embeddings of each
+    prompt's user turns, compared by cosine similarity with FAISS."""
+
+    mode: Literal["off", "report", "drop"] = "off"  # report: counts and examples in stats.json; drop: also remove them
+    threshold: float = 0.9  # cosine similarity at or above which two prompts are near twins
+    # within_train: pairs of training prompts; held_out_vs_train: held-out prompts with a near twin in training
+    scope: list[Literal["within_train", "held_out_vs_train"]] = field(
+        default_factory=lambda: ["within_train", "held_out_vs_train"]
+    )
+    examples: int = 5  # closest (and least close) pairs per scope shown in stats.json
+
+    def validate(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(
+                f"data.near_duplicates.threshold must lie in (0, 1] (got {self.threshold}): it is a cosine similarity; "
+                f"at 0.9, 90-97% of the pairs flagged in benchmarks/near_duplicates.py were paraphrases."
+            )
+        if not self.scope or len(set(self.scope)) != len(self.scope):
+            raise ConfigError(
+                f"data.near_duplicates.scope must list within_train, held_out_vs_train or both, once each (got "
+                f"{self.scope}); to check nothing, set data.near_duplicates.mode: off."
+            )
+        if self.examples < 0:
+            raise ConfigError(f"data.near_duplicates.examples must be 0 or more (got {self.examples}).")
 
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)  # the data sets read, each described below
     eval_fraction: float = 0.05  # share of rows held out for evaluation
     max_length: int = 512  # tokens after the chat template; longer examples are dropped and counted
     on_error: Literal["fail", "skip"] = "fail"  # a malformed row stops the stage, or is skipped and counted
     min_keep_fraction: float = 0.5  # fail if fewer rows than this survive validation
     dedupe: bool = True  # exact de-duplication on normalised text
     num_proc: int = 1  # processes for tokenization
+    near_duplicates: NearDuplicatesConfig = field(default_factory=NearDuplicatesConfig)  # by meaning, described below
 
     def validate(self) -> None:
         if not self.sources:
@@ -103,6 +135,7 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be at least 8 tokens (got {self.max_length}).")
         if self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be at least 1 (got {self.num_proc}).")
+        self.near_duplicates.validate()
 
 
 @dataclass
@@ -112,9 +145,12 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer id or folder; defaults to name_or_path
     train_tokenizer_vocab_size: int | None = None  # train a BPE tokenizer on the training text instead
     chat_template: str | None = None  # "chatml" (shipped, with generation markers), a .jinja path, or the tokenizer's own
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    revision: str | None = None
-    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype for training, evaluation and serving
+    # transformers' attention implementation for every load (training, merge, HF evaluation): sdpa, eager,
+    # flash_attention_2, flash_attention_3, flex_attention, or a hub kernel; None lets transformers choose.
+    attn_implementation: str | None = None
+    revision: str | None = None  # a Hub branch, tag or commit of name_or_path
+    trust_remote_code: bool = False  # run the model repository's own code (only for repositories you trust)
 
     def validate(self) -> None:
         if (self.name_or_path is None) == (self.init is None):
@@ -147,37 +183,43 @@ class ModelConfig:
                 "model.init builds a model without a tokenizer: set model.tokenizer (an id or folder) or "
                 "model.train_tokenizer_vocab_size."
             )
+        if self.attn_implementation is not None:
+            from pipeline.core import models
+
+            names = models.attention_names()
+            if self.attn_implementation not in names and not models.is_hub_kernel(self.attn_implementation):
+                raise ConfigError(
+                    f"model.attn_implementation '{self.attn_implementation}' is not an attention implementation of "
+                    f"transformers: use one of {', '.join(names)}, a Hub kernel as ORG/REPO (e.g. "
+                    f"kernels-community/flash-attn2), or leave it empty for transformers' default (sdpa)."
+                )
 
 
-@dataclass
-class LoraConfigSection:
-    """Fields of peft.LoraConfig, same names."""
-
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
+# The adapter a LoRA-family method trains when the recipe names nothing else; any other peft.LoraConfig field
+# can be set beside these (the pipeline sets use_dora and task_type itself).
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+PIPELINE_OWNED_LORA_FIELDS = frozenset({"use_dora", "task_type"})
 
 
 @dataclass
 class QuantizationSection:
     """Fields of transformers.BitsAndBytesConfig used for QLoRA (4-bit), same names."""
 
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # the 4-bit number format
+    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too (about 0.4 bits per weight less)
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the matmuls
+    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"  # storage dtype (FSDP/ZeRO-3 want the compute dtype)
 
 
 @dataclass
 class TrainingSection:
     """Pipeline keys of a training stage; every other key must be a field of the TRL config class."""
 
-    method: Literal["full", "lora", "qlora", "dora"] = "lora"
-    global_batch_size: int = 16  # per-device batch x accumulation x processes, whatever the launch
-    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
-    quantization: QuantizationSection = field(default_factory=QuantizationSection)
-    launch_config: str | None = None  # accelerate config file used by `python -m pipeline.run`
+    method: Literal["full", "lora", "qlora", "dora"] = "lora"  # which weights train: all, or an adapter (4-bit base for qlora)
+    global_batch_size: int = 16  # rows per optimizer step: per-device batch x accumulation x processes, whatever the launch
+    lora: dict[str, Any] = field(default_factory=lambda: dict(LORA_DEFAULTS))  # peft.LoraConfig fields
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)  # the 4-bit base of qlora
+    launch_config: str | None = None  # accelerate config file (accelerate_configs/) `python -m pipeline.run` launches with
     trainer: dict[str, Any] = field(default_factory=dict)  # TRL config fields, given flat in the YAML
 
     trl_config_class: typing.ClassVar[str] = ""
@@ -192,10 +234,16 @@ class TrainingSection:
                 f"{section}.global_batch_size={self.global_batch_size}."
             )
         if self.launch_config:
-            from pipeline import launch
+            from pipeline.core import launch
 
             launch.check_method(self.method, section, launch.from_config_file(self.launch_config, f"{section}.launch_config"),
                                 self.global_batch_size)  # fmt: skip
+        if self.trainer.get("packing") and self.trainer.get("packing_strategy") == "wrapped":
+            raise ConfigError(
+                f"{section}.packing_strategy 'wrapped' cuts the rows into fixed-length chunks in which every token "
+                f"attends to the rows before it: rows leak into each other. Use 'bfd' (TRL's default) or 'bfd_split', "
+                f"which keep each row apart."
+            )
         for derived in ("gradient_accumulation_steps",):
             if derived in self.trainer:
                 raise ConfigError(
@@ -214,23 +262,128 @@ class DPOSection(TrainingSection):
     trl_config_class: typing.ClassVar[str] = "DPOConfig"
 
 
+GRPOGeneration = Literal["hf", "vllm-colocate", "vllm-server"]
+
+
+def _grpo_default_generations() -> int:
+    from trl import GRPOConfig
+
+    return next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "num_generations")
+
+
+@dataclass
+class GRPOSection(TrainingSection):
+    """Online RL with TRL's GRPOTrainer on the SFT rows' prompts, scored by verifiable rewards (pipeline/core/rewards.py).
+    `global_batch_size` counts completions: each optimizer step sees global_batch_size / num_generations prompts."""
+
+    # Built-in reward names or user functions as module:function; the stage runs only for a recipe that lists one.
+    rewards: list[str] = field(default_factory=list)
+    # Who samples the completions: HF generate (any device), or vLLM on a GPU, inside the training processes
+    # (colocate) or from `trl vllm-serve` (server).
+    generation: GRPOGeneration = "hf"
+    sources: list[str] = field(default_factory=list)  # data.sources (by path or hub:name) whose prompts GRPO trains on; empty: all
+
+    trl_config_class: typing.ClassVar[str] = "GRPOConfig"
+
+    def validate(self, section: str, source_labels: tuple[str, ...] = ()) -> None:
+        super().validate(section)
+        from pipeline.core import rewards
+
+        for index, name in enumerate(self.rewards):
+            rewards.check_name(name, f"{section}.rewards.{index}")
+        weights = self.trainer.get("reward_weights")
+        if weights is not None and len(weights) != len(self.rewards):
+            raise ConfigError(
+                f"{section}.reward_weights has {len(weights)} weights for the {len(self.rewards)} rewards of "
+                f"{section}.rewards ({', '.join(self.rewards) or 'none'}): give one weight per reward, in the same order."
+            )
+        for key in ("use_vllm", "vllm_mode"):
+            if key in self.trainer:
+                raise ConfigError(
+                    f"{section}.{key} is set by the pipeline from {section}.generation; remove it and set "
+                    f"{section}.generation to hf, vllm-colocate or vllm-server."
+                )
+        generations = self.trainer.get("num_generations") or _grpo_default_generations()
+        if self.global_batch_size % generations:
+            raise ConfigError(
+                f"{section}.global_batch_size={self.global_batch_size} counts completions, {generations} per prompt "
+                f"({section}.num_generations), so it must be a multiple of {generations}: set it to "
+                f"{max(1, self.global_batch_size // generations) * generations} or change {section}.num_generations."
+            )
+        unknown = [s for s in self.sources if s not in source_labels]
+        if unknown:
+            raise ConfigError(
+                f"{section}.sources names {', '.join(unknown)}, which data.sources does not list. Name sources as "
+                f"data.sources does ({', '.join(source_labels)}), or leave {section}.sources empty for all."
+            )
+
+
+# The largest padding-free micro-batch, in tokens (per-device rows x data.max_length), that attention without row
+# boundaries (sdpa, eager) may take. It keeps the rows apart under a dense mask over the whole flattened micro-batch,
+# so its attention costs grow with the square of that length. On the tiny default's model and data (CPU, one thread),
+# padding-free sdpa trained 7.9k tokens/s at 8 rows a micro-batch (426 tokens on average, at most 8 x 192 = 1,536),
+# 6.3k at 16 rows (803) and 4.0k at 32 (1,627; eager 2.0k), halving as the micro-batch quadrupled (padded rows: 3.1k
+# throughout); packed micro-batches of 16 x 1,024 tokens trained at 3-4% of an H200's bf16 peak.
+DENSE_ATTENTION_TOKEN_LIMIT = 2048
+
+
+def trains_padding_free(trainer: dict[str, Any]) -> bool:
+    """Whether TRL's SFTTrainer flattens each micro-batch into one sequence (rows apart only by position ids that
+    restart at 0): `padding_free`, or packing with a best-fit strategy, which implies it."""
+    return bool(trainer.get("padding_free")) or (
+        bool(trainer.get("packing")) and trainer.get("packing_strategy", "bfd") in ("bfd", "bfd_split")
+    )
+
+
+def check_padding_free_attention(recipe: Recipe) -> None:
+    """Refuse padding-free SFT micro-batches that attention without row boundaries would pay for quadratically.
+
+    Only SFT: TRL 1.16's DPOTrainer turns padding_free off and pads. The largest micro-batch a launch can derive is
+    the whole global batch on one process, when per_device_train_batch_size is not set.
+    """
+    from pipeline.core import models
+
+    sft, name = recipe.sft, recipe.model.attn_implementation
+    if not trains_padding_free(sft.trainer) or models.attends_within_rows(name):
+        return
+    rows = sft.trainer.get("per_device_train_batch_size") or sft.global_batch_size
+    length = recipe.data.max_length
+    if rows * length <= DENSE_ATTENTION_TOKEN_LIMIT:
+        return
+    how = "sft.padding_free" if sft.trainer.get("padding_free") else f"sft.packing ('{sft.trainer.get('packing_strategy', 'bfd')}' strategy)"
+    fits = [n for n in range(DENSE_ATTENTION_TOKEN_LIMIT // length, 0, -1) if sft.global_batch_size % n == 0]
+    smaller = f"sft.per_device_train_batch_size: {fits[0]} ({fits[0]} x {length} tokens); " if fits else ""
+    raise ConfigError(
+        f"{how} trains padding-free micro-batches of up to {rows} rows x {length} tokens (data.max_length) = "
+        f"{rows * length:,} tokens with model.attn_implementation {name or 'unset (sdpa)'}, which keeps the rows apart "
+        f"only under a dense mask over the whole micro-batch: its cost grows with the square of that length (allowed "
+        f"up to {DENSE_ATTENTION_TOKEN_LIMIT:,} tokens). Set model.attn_implementation to one that attends within each "
+        f"row: flash_attention_2 or flash_attention_3 (CUDA; the flash-attn package, or the kernels package, which "
+        f"fetches the kernel from the Hub), kernels-community/flash-attn2 (that Hub kernel by name), or flex_attention "
+        f"(CUDA; it has no backward pass on the CPU). Or set {smaller}or sft.packing: false and sft.padding_free: false "
+        f"(padded micro-batches)."
+    )
+
+
 @dataclass
 class EvaluateConfig:
-    metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge", "sacrebleu"])
-    backend: Literal["auto", "vllm", "hf"] = "auto"
-    max_new_tokens: int = 32
-    batch_size: int = 64
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge", "sacrebleu"])  # text metrics of the answers
+    backend: Literal["auto", "vllm", "hf"] = "auto"  # generation engine; auto: vLLM when installed, else transformers
+    max_new_tokens: int = 32  # longest answer generated per held-out prompt
+    batch_size: int = 64  # prompts per generation batch (transformers backend)
     max_examples: int | None = None  # evaluate on the first N held-out examples only
     gates: dict[str, float] = field(default_factory=dict)  # "dpo.exact_match": 0.6, "dpo-sft.exact_match": -0.02
 
     def validate(self) -> None:
-        from pipeline.scoring import shipped_metrics
+        from pipeline.core.scoring import shipped_metrics
 
         shipped = shipped_metrics()
         for name in self.metrics:
             if name not in shipped:
                 raise ConfigError(f"evaluate.metrics: '{name}' is not shipped; the shipped metrics are: {', '.join(shipped)}.")
-        models = ("base", "sft", "dpo", "export")
+        from pipeline.core import stages
+
+        models = tuple(stage.name for stage in stages.STAGES if stage.model or stage.name == "base")
         for key in self.gates:
             subject, dot, metric = key.partition(".")
             names = subject.split("-")
@@ -245,18 +398,28 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    targets: list[Literal["hf", "onnx"]] = field(default_factory=lambda: ["hf", "onnx"])
-    onnx_precisions: list[Literal["fp32", "int4"]] = field(default_factory=lambda: ["fp32", "int4"])
+    targets: list[Literal["hf", "onnx"]] = field(default_factory=lambda: ["hf", "onnx"])  # merged weights for vLLM, ONNX
+    onnx_precisions: list[Literal["fp32", "int4"]] = field(default_factory=lambda: ["fp32", "int4"])  # ONNX variants written
     adapter_only: bool = False  # also export the adapter for vLLM's LoRA serving
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # bind address of the server (0.0.0.0 to serve other machines)
+    port: int = 8000  # its port
     served_model_name: str | None = None  # defaults to run.name
     api_key_env: str = "PIPELINE_API_KEY"  # environment variable holding the API key, if any
     extra_args: list[str] = field(default_factory=list)  # passed through to vLLM's server
+    shutdown_grace: float = 5.0  # seconds requests in flight may still run after SIGTERM; open streams then end
+    max_n: int = 8  # most sequences one request may ask for (n times its prompts); more gets a 400
+    max_tokens: int | None = None  # most new tokens one request may ask for; None: the model length
+
+    def validate(self) -> None:
+        if self.shutdown_grace < 0 or self.max_n < 1 or (self.max_tokens is not None and self.max_tokens < 1):
+            raise ConfigError(
+                f"serve.shutdown_grace must be at least 0 seconds (got {self.shutdown_grace}), serve.max_n at least 1 "
+                f"(got {self.max_n}) and serve.max_tokens at least 1 or empty (got {self.max_tokens})."
+            )
 
 
 @dataclass
@@ -266,6 +429,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTSection = field(default_factory=SFTSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -276,7 +440,10 @@ class Recipe:
         self.model.validate()
         self.sft.validate("sft")
         self.dpo.validate("dpo")
+        self.grpo.validate("grpo", tuple(source.label for source in self.data.sources))
+        check_padding_free_attention(self)
         self.evaluate.validate()
+        self.serve.validate()
 
     @property
     def run_dir(self) -> Path:
@@ -316,16 +483,36 @@ def _section_to_dict(section: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def trl_field_types(class_name: str) -> dict[str, Any]:
-    """Field names and types of a TRL config class (imports trl.trainer.*_config only, not the trainers)."""
-    import trl
+def library_field_types(module: str, class_name: str) -> dict[str, Any]:
+    """Field names and types of a library's config dataclass (TRL's SFTConfig, peft's LoraConfig)."""
+    import importlib
 
-    cls = getattr(trl, class_name)
+    cls = getattr(importlib.import_module(module), class_name)
     try:
         hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation we cannot resolve is checked by TRL itself
+    except (NameError, TypeError):  # an annotation we cannot resolve is checked by the library itself
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def trl_field_types(class_name: str) -> dict[str, Any]:
+    return library_field_types("trl", class_name)
+
+
+def _library_fields(value: Any, where: str, module: str, class_name: str, owned: frozenset[str], owner: str) -> dict[str, Any]:
+    """A mapping whose keys are fields of a library config class, each checked against that field's type."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of {class_name} fields, got {value!r}.")
+    fields = library_field_types(module, class_name)
+    checked = {}
+    for key, item in value.items():
+        path = f"{where}.{key}"
+        if key in owned:
+            raise ConfigError(f"{path} is set by the pipeline ({owner}); remove it from the recipe.")
+        if key not in fields:
+            raise ConfigError(f"unknown key '{path}' ({class_name} has no such field).{_suggest(str(key), [f for f in fields if f not in owned])}")
+        checked[key] = _coerce(item, fields[key], path)
+    return checked
 
 
 # Fields of the TRL config that the pipeline sets itself, from its own keys or the artifact layout.
@@ -345,6 +532,10 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "list of " + _type_name(typing.get_args(tp)[0])
+    if origin is dict:
+        return "mapping"
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
     if tp is type(None):
@@ -411,6 +602,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     trl_class = getattr(cls, "trl_config_class", "")
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if key == "lora" and trl_class:
+            kwargs[key] = {**LORA_DEFAULTS, **_library_fields(value, path, "peft", "LoraConfig", PIPELINE_OWNED_LORA_FIELDS,
+                                                              f"from {where}.method")}  # fmt: skip
+            continue
         if key in own:
             kwargs[key] = _coerce(value, hints[key], path)
             continue
@@ -441,7 +636,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({error}).") from None
-    return key.split("."), value
+    parts = key.split(".")
+    if parts[:2] == ["evaluate", "gates"] and len(parts) > 3:
+        parts = [*parts[:2], ".".join(parts[2:])]  # a gate's name has a dot of its own: evaluate.gates.dpo.exact_match=0.6
+    return parts, value
 
 
 def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
@@ -497,3 +695,116 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     return recipe
+
+
+# ----------------------------------------------------------------------------------- resolved recipe and reference
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    """The recipe as the stages see it: every key, defaults filled in, overrides applied."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False, width=120)
+
+
+TRAINER_CLASSES = {"sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "grpo": "trl.GRPOConfig"}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: the one on its line, else the comment lines just above it."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^=]+?(?:= .*?)?(?:  # (.*))?$", stripped)
+        if match and line.startswith("    ") and not line.startswith("     "):
+            comments[match.group(1)] = match.group(2) or " ".join(above)
+        above = []
+    return comments
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if dataclasses.is_dataclass(value):
+        return "see below"
+    return f"`{json.dumps(value)}`"
+
+
+def reference_markdown() -> str:
+    """Every recipe key with its type, default and meaning, generated from the dataclasses above (docs/recipe.md)."""
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `pipeline/core/config.py` by `python -m pipeline.core.config --reference > docs/recipe.md`;",
+        "a test fails when this file is out of date. `--print-config` on any stage (or `pipeline.run`) prints a",
+        "recipe resolved with every default. Besides the keys below, a training section (`sft`, `dpo`, `grpo`) takes",
+        "any field of its TRL config class, written flat in the section (e.g. `sft.learning_rate`), except",
+        f"{', '.join(f'`{name}`' for name in sorted(PIPELINE_OWNED_TRAINER_FIELDS))}, which the pipeline sets, and",
+        "`gradient_accumulation_steps`, derived from `global_batch_size`.",
+    ]
+    hints = typing.get_type_hints
+
+    def section(cls: type, prefix: str) -> None:
+        doc = inspect_doc(cls)
+        lines.extend(["", f"## `{prefix}`", ""])
+        if doc:
+            lines.extend([doc, ""])
+        trainer = TRAINER_CLASSES.get(prefix)
+        if trainer:
+            lines.extend([f"Any `{trainer}` field is also accepted here.", ""])
+        lines.extend(["| key | type | default | meaning |", "| --- | --- | --- | --- |"])
+        comments = {k: v for base in reversed(cls.__mro__[:-1]) for k, v in _field_comments(base).items()}
+        nested = []
+        types_of = hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in ("source_path", "trainer"):
+                continue
+            tp = types_of[f.name]
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+            if dataclasses.is_dataclass(inner):
+                nested.append((inner, f"{prefix}.{f.name}" + ("[]" if inner is not tp else "")))
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | {_default_text(f)} | {meaning} |")
+        for inner, name in nested:
+            section(inner, name)
+
+    for f in dataclasses.fields(Recipe):
+        if f.init and f.name != "source_path":
+            section(typing.get_type_hints(Recipe)[f.name], f.name)
+    return "\n".join(lines) + "\n"
+
+
+def inspect_doc(cls: type) -> str:
+    own = cls.__dict__.get("__doc__")
+    return " ".join(own.split()) if own and not own.startswith(cls.__name__ + "(") else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.core.config",
+        description="Print a recipe resolved with every default (the same as --print-config on any stage), or the "
+        "reference of every recipe key.",
+    )
+    parser.add_argument("--config", default="configs/tiny.yaml", help="recipe YAML (default: configs/tiny.yaml)")
+    parser.add_argument("--reference", action="store_true", help="print the recipe reference (docs/recipe.md) instead")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    args = parser.parse_args(argv)
+    print(reference_markdown() if args.reference else resolved_yaml(load_recipe(args.config, args.overrides)), end="")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pipeline.core.cli import run_cli
+
+    sys.exit(run_cli(main))

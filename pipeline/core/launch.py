@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,17 +90,15 @@ def _deepspeed_file_settings(path: str | None, folder: Path) -> tuple[int | None
 
 
 def from_environment() -> Launch:
-    """The launch this process belongs to, from what `accelerate launch` / torchrun put in its environment."""
+    """The launch this process belongs to: the process count torchrun gives every process (WORLD_SIZE), and the
+    DeepSpeed settings as accelerate itself reads them from what `accelerate launch` passed on."""
+    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        stage, offload = _deepspeed_file_settings(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), Path.cwd())
-        if stage is None:
-            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-            offload = any(
-                os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{part}_DEVICE", "none").lower() != "none"
-                for part in ("OPTIMIZER", "PARAM")
-            )
-        return Launch("deepspeed", processes, stage, offload)
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        plugin = DeepSpeedPlugin()
+        offload = any(str(device).lower() not in ("none", "") for device in (plugin.offload_optimizer_device, plugin.offload_param_device))
+        return Launch("deepspeed", processes, int(plugin.zero_stage), offload)
     return Launch("ddp", processes) if processes > 1 else Launch("single", 1)
 
 

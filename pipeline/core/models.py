@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from pipeline.core.config import ModelConfig
 
 
 def torch_dtype(name: str) -> Any:
@@ -51,17 +53,54 @@ def parameter_count(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_merged(base_path: str | Path, adapter_dir: Path | None, dtype: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def attention_names() -> list[str]:
+    """The attention implementations the installed transformers knows by name (hub kernels come as 'org/repo')."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+
+
+def is_hub_kernel(name: str) -> bool:
+    from transformers.integrations.hub_kernels import is_kernel
+
+    return is_kernel(name)
+
+
+def attends_within_rows(name: str | None) -> bool:
+    """Whether the implementation attends within each row of a padding-free micro-batch, at the cost of the rows
+    alone: flash attention's varlen kernels (from the row boundaries TRL's collator passes; the flash-attn hub
+    kernels are these too) and flex attention's block-sparse document mask. sdpa and eager (and None: sdpa) keep
+    the rows apart as well, but under a dense mask over the whole flattened micro-batch, whose cost grows with the
+    square of its length."""
+    if name is None:
+        return False
+    return name.startswith("flash_attention_") or name == "flex_attention" or (is_hub_kernel(name) and "flash-attn" in name)
+
+
+def load_kwargs(model: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments every load of a model shares: dtype, attention implementation, remote code."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype or model.dtype), "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation is not None:
+        kwargs["attn_implementation"] = model.attn_implementation
+    return kwargs
+
+
+def load(path: str | Path, model: ModelConfig, dtype: str | None = None, device: str | None = None) -> PreTrainedModel:
+    """A model for inference, on `device` (e.g. "cuda"; None leaves it on the CPU, where callers' inputs are)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(model, dtype), device_map=device)
+
+
+def load_merged(base_path: str | Path, adapter_dir: Path | None, model: ModelConfig, dtype: str | None = None) -> PreTrainedModel:
     """A trained model in full precision: the base reloaded unquantized, with the adapter (if any) merged in.
 
     QLoRA adapters were trained against 4-bit weights, but merging into 4-bit weights would round the update
-    away, so the base is always reloaded in `dtype` first.
+    away, so the base is always reloaded in the recipe's dtype (or `dtype`) first.
     """
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    loaded = load(base_path, model, dtype)
     if adapter_dir is None:
-        return model
+        return loaded
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return PeftModel.from_pretrained(loaded, str(adapter_dir)).merge_and_unload()

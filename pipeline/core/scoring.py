@@ -1,14 +1,16 @@
-"""Scores: the shipped `evaluate` metric modules, and log-probability scoring with the shared chat template
-(preference accuracy, perplexity)."""
+"""Scores: the held-out material every model is asked (`HeldOut`), the shipped `evaluate` metric modules, tool-call
+accuracy, and log-probability scoring with the shared chat template (preference accuracy, perplexity)."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import artifacts, chat
-from pipeline.errors import ConfigError
+from pipeline.core import artifacts, chat, formats
+from pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,8 +100,144 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows:
     return math.exp(total_nll / max(1, total_tokens))
 
 
-def held_out_pairs(data_dir: Path, limit: int | None = None) -> Any:
-    import datasets
+LOWER_IS_BETTER = frozenset({"perplexity", "tool_false_call_rate"})
 
-    split = datasets.load_from_disk(str(Path(data_dir) / artifacts.PREFERENCE_DATA_DIR))["eval"]
-    return split.select(range(min(limit, len(split)))) if limit is not None else split
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def describe(scores: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+
+
+def tool_call_scores(outputs: list[str], expected: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Tool use in generated text: where calls are due, the share that made one, named the right tools, and gave
+    the right arguments (JSON-equal); where none is due, the share that called anyway."""
+    due = [(chat.parse_tool_calls(text), calls) for text, calls in zip(outputs, expected) if calls]
+    not_due = [chat.parse_tool_calls(text) for text, calls in zip(outputs, expected) if not calls]
+    scores: dict[str, float] = {}
+    if due:
+        valid = [[c for c in got if "error" not in c] for got, _ in due]
+        scores["tool_call_rate"] = sum(bool(v) for v in valid) / len(due)
+        scores["tool_name_accuracy"] = sum([c["name"] for c in v] == [c["name"] for c in want] for v, (_, want) in zip(valid, due)) / len(due)
+        scores["tool_arguments_accuracy"] = sum(v == want for v, (_, want) in zip(valid, due)) / len(due)
+    if not_due:
+        scores["tool_false_call_rate"] = sum(bool(got) for got in not_due) / len(not_due)
+    return scores
+
+
+def _expected_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")} for c in message["tool_calls"]]
+
+
+@dataclass
+class HeldOut:
+    """The held-out material every model is asked, read once from the data artifact.
+
+    Three generation sets, each (prompt messages, tools, source index) with its own references:
+    `answers` (held-out conversations whose last assistant turn has text: that text), `tool_calls` (held-out
+    conversations with tools: the calls each assistant turn makes, or none where it answers directly) and
+    `chosen` (held-out preference prompts: the chosen answer). Plus the tokenized rows for perplexity and the
+    pairs for preference accuracy.
+    """
+
+    tokenizer: Any
+    sources: list[str]  # source labels by index
+    sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    sft_rows: Any = None
+    pairs: Any = None
+
+    @classmethod
+    def load(cls, data_dir: Path, tokenizer: Any, recipe: Any) -> HeldOut:
+        import datasets
+
+        limit = recipe.evaluate.max_examples
+        held = cls(tokenizer, [source.label for source in recipe.data.sources], {"answers": [], "tool_calls": [], "chosen": []})
+
+        def first(split: Any) -> Any:
+            return split.select(range(min(limit, len(split)))) if limit is not None else split
+
+        if (data_dir / artifacts.SFT_DATA_DIR).is_dir():
+            held.sft_rows = first(datasets.load_from_disk(str(data_dir / artifacts.SFT_DATA_DIR))["eval"])
+            for row in held.sft_rows:
+                held._add_conversation(chat.clean_messages(row["messages"]), chat.parse_tools(row["tools"]), row["source"])
+        if (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir():
+            held.pairs = first(datasets.load_from_disk(str(data_dir / artifacts.PREFERENCE_DATA_DIR))["eval"])
+            for row in held.pairs:
+                chosen = chat.clean_messages(row["chosen"])
+                if chosen[-1].get("content", "").strip() and not chosen[-1].get("tool_calls"):
+                    held.sets["chosen"].append({"prompt": chat.clean_messages(row["prompt"]), "tools": chat.parse_tools(row["tools"]),
+                                                "source": row["source"], "reference": chosen[-1]["content"]})  # fmt: skip
+        return held
+
+    def _add_conversation(self, messages: list[dict[str, Any]], tools: Any, source: int) -> None:
+        last = messages[-1]
+        if last["content"].strip():
+            self.sets["answers"].append({"prompt": formats.sft_prompt(messages), "tools": tools, "source": source,
+                                         "reference": last["content"], "after_tool": messages[-2]["role"] == "tool"})  # fmt: skip
+        if not tools:
+            return
+        calls = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
+        for index, message in calls:
+            self.sets["tool_calls"].append({"prompt": messages[:index], "tools": tools, "source": source, "reference": _expected_calls(message)})
+        if not calls:  # tools offered, none needed: answering directly is right
+            self.sets["tool_calls"].append({"prompt": formats.sft_prompt(messages), "tools": tools, "source": source, "reference": []})
+
+    def empty(self) -> bool:
+        return not any(self.sets.values())
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(rows) for name, rows in self.sets.items()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} held-out {name.replace('_', ' ')}" for name, n in self.sizes().items() if n)
+
+    def generation_sets(self) -> dict[str, list[list[int]]]:
+        from pipeline.core import engines
+
+        return {name: engines.prompt_ids(self.tokenizer, [r["prompt"] for r in rows], [r["tools"] for r in rows])
+                for name, rows in self.sets.items() if rows}  # fmt: skip
+
+    def score(self, outputs: dict[str, list[str]], metrics: list[str]) -> dict[str, Any]:
+        """Generation metrics of one model's outputs on every set, overall and by source."""
+        scores: dict[str, Any] = {}
+        by_source: dict[str, dict[str, float]] = {}
+        answers, chosen, calls = self.sets["answers"], self.sets["chosen"], self.sets["tool_calls"]
+        if answers:
+            for metric in metrics:
+                scores.update(compute_metric(metric, outputs["answers"], [r["reference"] for r in answers]))
+            after_tool = [(o, r["reference"]) for o, r in zip(outputs["answers"], answers) if r["after_tool"]]
+            if after_tool:
+                scores["tool_answer_match"] = sum(o.strip() == ref.strip() for o, ref in after_tool) / len(after_tool)
+        if calls:
+            scores.update(tool_call_scores(outputs["tool_calls"], [r["reference"] for r in calls]))
+        if chosen:
+            scores["chosen_match"] = compute_metric("exact_match", outputs["chosen"], [r["reference"] for r in chosen])["exact_match"]
+        for name, metric in (("answers", "exact_match"), ("chosen", "chosen_match")):
+            groups: dict[str, list[bool]] = {}
+            for output, row in zip(outputs.get(name, []), self.sets[name]):
+                groups.setdefault(self.sources[row["source"]], []).append(output.strip() == row["reference"].strip())
+            for label, hits in groups.items():
+                by_source.setdefault(label, {})[metric] = sum(hits) / len(hits)
+        if by_source:
+            scores["by_source"] = by_source
+        return scores
+
+    def likelihood_scores(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if self.sft_rows is not None and len(self.sft_rows):
+            scores["perplexity"] = perplexity(model, tokenizer, self.sft_rows, batch_size)
+        if self.pairs is not None and len(self.pairs):
+            preference = preference_scores(model, tokenizer, self.pairs, batch_size)
+            scores.update(preference_accuracy=preference["preference_accuracy"], mean_margin=preference["mean_margin"])
+        return scores
+
+    def write_predictions(self, path: Path, outputs: dict[str, dict[str, list[str]]]) -> None:
+        """One line per held-out item: its set, source, prompt, reference and every model's answer."""
+        with open(path, "w", encoding="utf-8") as handle:
+            for name, rows in self.sets.items():
+                for index, row in enumerate(rows):
+                    record = {"set": name, "source": self.sources[row["source"]], "prompt": row["prompt"], "reference": row["reference"],
+                              "answers": {model: out[name][index] for model, out in outputs.items()}}  # fmt: skip
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")

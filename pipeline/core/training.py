@@ -1,5 +1,6 @@
-"""Training plumbing shared by the SFT and DPO stages: batch plan, model + adapters, trainer arguments,
-checkpoints and resume, SIGTERM, the final artifact and its plots. Stage files only choose the trainer and data.
+"""The one runner of every TRL training stage (SFT, DPO): batch plan, model + adapters, trainer arguments,
+checkpoints and resume, SIGTERM, the final artifact and its plots. A stage file says only what is its own: the
+TRL config and trainer class, its data, where its model starts, and what it adds to the manifest (`Job`).
 """
 
 from __future__ import annotations
@@ -9,20 +10,19 @@ import json
 import shutil
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import artifacts, launch, models
-from pipeline.config import Recipe, TrainingSection
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.core import artifacts, launch, models, stages, tracking
+from pipeline.core.artifacts import CHECKPOINTS_DIR, RESUME_KEY
+from pipeline.core.config import Recipe, TrainingSection
+from pipeline.core.errors import ConfigError, PipelineError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
 
-CHECKPOINTS_DIR = "checkpoints"
-RESUME_KEY = "resume_key.json"
 TRAINER_STATE = "trainer_state.json"  # written last in a checkpoint: its presence marks a complete one
 
 
@@ -48,20 +48,21 @@ def processes() -> Any:
 
 
 @contextlib.contextmanager
-def zero3_partitioning_off() -> Iterator[None]:
+def zero3_partitioning_off(args: Any) -> Iterator[None]:
     """Models loaded inside are whole even under ZeRO-3, whose trainer arguments make every load partition across
-    ranks (a collective the other ranks would never join). transformers decides that from one global config."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    ranks (a collective the other ranks would never join). transformers decides that from one global DeepSpeed
+    config, which the launch's DeepSpeed plugin holds (`dschf`): unset it for the load, then put it back."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+    held = getattr(getattr(args, "deepspeed_plugin", None), "dschf", None)
+    if held is None or not held.is_zero3():
         yield
         return
-    config = hf_deepspeed._hf_deepspeed_config_weak_ref()
-    hf_deepspeed.unset_hf_deepspeed_config()
+    unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
+        set_hf_deepspeed_config(held)
 
 
 def plan_batch(section: TrainingSection, name: str, processes: int) -> BatchPlan:
@@ -88,10 +89,10 @@ def linear_layer_names(model: PreTrainedModel) -> list[str]:
 
 
 def _check_target_modules(section: TrainingSection, name: str, model: PreTrainedModel) -> None:
-    targets = section.lora.target_modules
+    targets = section.lora.get("target_modules")
+    if targets is None or targets == "all-linear":  # None: PEFT's default modules for the architecture
+        return
     if isinstance(targets, str):
-        if targets == "all-linear":
-            return
         targets = [targets]
     available = linear_layer_names(model)
     missing = [t for t in targets if t not in available]
@@ -123,39 +124,30 @@ def _quantization_config(section: TrainingSection, name: str) -> Any:
     )
 
 
-def base_model_path(recipe: Recipe, stage: artifacts.StageRun) -> str | Path:
-    """The model a training stage starts from: the base artifact of a recipe that builds one, else the pretrained id."""
+def pretrained_input(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The input record of a recipe that trains a pretrained model (the base artifact is recorded otherwise)."""
     if recipe.model.init is not None:
-        base_dir = artifacts.require_stage(recipe.run_dir, "base", stage.stage, recipe)
-        stage.add_input("base", base_dir)
-        return base_dir
-    name = recipe.model.name_or_path
-    stage.inputs["model"] = {"kind": "model", "path": name, "sha256": f"{name}@{recipe.model.revision or 'default'}"}
-    return name
+        return {}
+    return {"model": artifacts.model_input_record(recipe.model.name_or_path, recipe.model.revision)}
 
 
-def model_record(base: str | Path, *, inside_artifact: bool, adapter: bool) -> dict[str, Any]:
-    """How a training manifest says where its trained weights are: a base plus, for adapter methods, the adapter.
-
-    A base outside the artifact is a Hub id or a local folder (kept absolute, so any working directory finds it).
-    """
-    if not inside_artifact and Path(base).exists():
-        base = Path(base).resolve()
-    return {"base": str(base), "base_inside_artifact": inside_artifact, "adapter": adapter}
-
-
-def trained_model_location(stage_dir: Path) -> tuple[str | Path, Path | None]:
-    """(base model path or id, adapter folder or None) of a complete SFT/DPO artifact."""
-    record = (artifacts.read_manifest(stage_dir) or {})["model"]
-    base = stage_dir / record["base"] if record["base_inside_artifact"] else record["base"]
-    return base, (stage_dir / artifacts.MODEL_DIR if record["adapter"] else None)
+def base_model_path(recipe: Recipe) -> str | Path:
+    """The model SFT starts from: the base artifact of a recipe that builds one, else the pretrained id or folder."""
+    return recipe.run_dir / "base" if recipe.model.init is not None else recipe.model.name_or_path
 
 
 def load_trainable_model(recipe: Recipe, section: TrainingSection, name: str, model_path: str | Path) -> PreTrainedModel:
     """The model to train, in the recipe's dtype; 4-bit and prepared for k-bit training for QLoRA."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": models.torch_dtype(recipe.model.dtype), "trust_remote_code": recipe.model.trust_remote_code}
+    kwargs = models.load_kwargs(recipe.model)
+    import torch
+
+    if recipe.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.attn_implementation flex_attention has no backward pass on the CPU (torch 2.13): train with sdpa or "
+            "eager there, or on a CUDA GPU."
+        )
     if section.method == "qlora":
         kwargs["quantization_config"] = _quantization_config(section, name)
     try:
@@ -180,15 +172,7 @@ def peft_config(section: TrainingSection) -> Any:
         return None
     from peft import LoraConfig
 
-    lora = section.lora
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
-        use_dora=section.method == "dora",
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(**section.lora, use_dora=section.method == "dora", task_type="CAUSAL_LM")
 
 
 # ----------------------------------------------------------------------------------- trainer arguments
@@ -202,7 +186,12 @@ def trainer_arguments(config_class: type, recipe: Recipe, section: TrainingSecti
     launch.check_method(section.method, name, current, section.global_batch_size)
     plan = plan_batch(section, name, current.processes)
     fields: dict[str, Any] = {
-        "report_to": "none",
+        **tracking.trainer_fields(recipe, name),
+        # TRL turns it on by default; it trades compute for memory, which only a recipe that needs the memory should
+        # pay (a tiny model recomputed every forward for nothing).
+        "gradient_checkpointing": False,
+        # A progress bar even when quiet logging raises transformers' level (which would turn bars into log lines).
+        "disable_tqdm": False,
         "save_strategy": "steps",
         "logging_first_step": True,
         "include_num_input_tokens_seen": "non_padding",
@@ -245,7 +234,7 @@ def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool
     continued run would silently mix two different trainings. Every process decides the same from the same
     files; only the main one writes.
     """
-    key = {"config_hash": stage.config_hash, "inputs": {n: r["sha256"] for n, r in stage.inputs.items()}}
+    key = {"config_hash": stage.config_hash, "inputs": {n: artifacts.input_identity(r) for n, r in stage.inputs.items()}}
     checkpoints = [] if fresh else complete_checkpoints(stage.work_dir)
     if checkpoints:
         try:
@@ -277,8 +266,19 @@ def _drift(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
     return " and ".join(changed) or "something"
 
 
+def _bar_without_log_lines() -> type:
+    from transformers.trainer_callback import ProgressCallback
+
+    class BarWithoutLogLines(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201 - the Trainer's callback API
+            return control
+
+    return BarWithoutLogLines
+
+
 class StopOnSignal:
-    """On SIGTERM: save a checkpoint at the end of the current step and stop training (the stage exits 0).
+    """On SIGTERM: save a checkpoint at the end of the current step and stop training; the stage's outcome is
+    `stopped` (exit status 143), and rerunning the same command resumes from that checkpoint.
 
     Under several processes the decision is agreed at every step (a signal can reach the ranks in different
     steps), since saving a checkpoint is collective and a rank that stops alone leaves the others waiting.
@@ -330,11 +330,12 @@ def plot_curves(log_history: list[dict[str, Any]], keys: list[str], path: Path, 
     for key in keys:
         points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
         if points:
-            ax.plot(*zip(*points), label=key)
+            ax.plot(*zip(*points), label=key, marker="o" if key.startswith("eval_") else None)
     ax.set_xlabel("optimizer step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -361,9 +362,16 @@ def train_and_save(
     """
     from accelerate.utils import gather_object
 
+    from transformers.trainer_callback import ProgressCallback
+
+    from pipeline.core import cli
+
     state = processes()
     stopper = StopOnSignal()
     trainer.add_callback(stopper.callback)
+    if not cli.verbose() and trainer.pop_callback(ProgressCallback) is not None:
+        # The progress bar stays; the log dictionary it prints at every logging step is in log_history.json.
+        trainer.add_callback(_bar_without_log_lines())
     started, cpu_started = time.time(), time.process_time()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -408,11 +416,62 @@ def train_and_save(
     }
 
 
-def complete_stage(stage: artifacts.StageRun, metrics: dict[str, Any], record: dict[str, Any], summary: str) -> Path:
-    """The main process writes the manifest and prints the stage's one-line summary; the others wait for it."""
-    state = processes()
-    if state.is_main_process:
-        stage.complete(metrics, extra={"model": record})
-        print(f"{summary} -> {stage.final_dir}")
-    state.wait_for_everyone()
-    return stage.final_dir
+# ------------------------------------------------------------------------------------------ the runner
+
+
+@dataclass
+class Job:
+    """What one training stage adds to the shared runner."""
+
+    config_class: type  # the TRL config (SFTConfig, DPOConfig)
+    trainer_class: type  # the TRL trainer (SFTTrainer, DPOTrainer)
+    splits: Any  # the data artifact's DatasetDict: "train", and "eval" when held out
+    columns: list[str]  # the columns the trainer reads
+    tokenizer: Any
+    start: Callable[[Any], str | Path]  # (trainer arguments) -> the model to train, made ready by the main process
+    plots: dict[str, list[str]]  # plot file -> logged keys drawn in it
+    owned: dict[str, Any] = field(default_factory=dict)  # TRL fields the pipeline sets (max_length, ...)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # what else the trainer class takes
+    # (trainer, work folder) -> (manifest model record, extra headline metrics, extra words for the summary)
+    finish: Callable[[Trainer, Path], tuple[dict[str, Any], dict[str, Any], str]] | None = None
+
+    def make_trainer(self, model: Any, args: Any, section: TrainingSection) -> Trainer:
+        evaluating = args.eval_strategy != "no" and "eval" in self.splits
+        return self.trainer_class(
+            model=model,
+            args=args,
+            train_dataset=self.splits["train"].select_columns(self.columns),
+            eval_dataset=self.splits["eval"].select_columns(self.columns) if evaluating else None,
+            processing_class=self.tokenizer,
+            peft_config=peft_config(section),
+            **self.trainer_kwargs,
+        )
+
+
+def run_stage(
+    stage: stages.Stage, recipe: Recipe, job: Callable[[artifacts.StageRun], Job], *, force: bool, allow_drift: bool,
+    fresh: bool, inputs: dict[str, dict[str, Any]] | None = None,
+) -> stages.Outcome:  # fmt: skip
+    """Train `stage` with the TRL trainer its job describes; resume an interrupted run; stop cleanly on SIGTERM."""
+    section = stage.section(recipe)
+
+    def work(run: artifacts.StageRun) -> stages.Result | None:
+        plan = job(run)
+        args = trainer_arguments(plan.config_class, recipe, section, stage.name, run.work_dir / CHECKPOINTS_DIR, **plan.owned)
+        resume_from = begin_or_resume(run, allow_drift=allow_drift, fresh=fresh)
+        model = load_trainable_model(recipe, section, stage.name, plan.start(args))
+        trainer = plan.make_trainer(model, args, section)
+        metrics = train_and_save(trainer, run, resume_from, plan.plots)
+        if metrics is None:
+            return None
+        record, extra, words = plan.finish(trainer, run.work_dir) if plan.finish else ({}, {}, "")
+        metrics.update(method=section.method, **extra)
+        return stages.Result(
+            metrics,
+            f"{stage.name}: {section.method}, {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f}, "
+            f"{metrics['tokens_seen']:,} tokens at {metrics['tokens_per_second']:,.0f} tokens/s in "
+            f"{metrics['train_seconds']:.0f} s{words}",
+            extra={"model": record},
+        )
+
+    return stages.execute(stage, recipe, work, force=force, inputs=inputs)

@@ -1,0 +1,157 @@
+"""The spread of the default recipe's figures: seeds, and the CPU kernel families this machine can be forced into.
+
+    python benchmarks/seed_spread.py [--config configs/tiny.yaml] [--seeds 42 1 2 3 4]
+                                     [--families native avx2 default] [--out spread.json] [--parallel 1]
+
+Each machine is deterministic by itself, and machines differ: their CPUs offer different instruction sets, and
+PyTorch and oneDNN pick different floating-point kernels on each, so thousands of optimizer steps end in
+different models. This runs the default pipeline (data, base, SFT, DPO, evaluation) once per seed and kernel
+family, forcing the family with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA (a stand-in for the other machines),
+then prints, per metric, the mean, minimum, maximum and standard deviation over every run, each run's figures
+and its gate results, and the value 3 standard deviations below the mean that a gate should sit under.
+Thread count changes nothing (measured: 1 and 2 threads end at the same loss to the last digit), so with
+`--parallel 2` two runs share the machine, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# The family names ATEN_CPU_CAPABILITY takes, and the oneDNN ISA cap that matches each.
+FAMILIES = {"avx512": "AVX512_CORE", "avx2": "AVX2", "default": "SSE41"}
+# Figures the spread reports beside every gate metric: how long the stages took, and where training ended.
+STAGE_FIGURES = {"sft": ("final_loss", "train_seconds"), "dpo": ("final_loss", "train_seconds", "rewards_accuracies")}
+
+
+def native_family() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "default"
+
+
+def family_environment(family: str, threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if family != "native":
+        env.update(ATEN_CPU_CAPABILITY=family, ONEDNN_MAX_CPU_ISA=FAMILIES[family])
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def one_run(config: str, family: str, seed: int, output: Path, threads: int | None) -> dict:
+    name = f"{family}-seed{seed}"
+    command = [sys.executable, "-m", "pipeline.run", "--config", config, "--to", "eval", "--allow-failed-gates",
+               f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output}"]  # fmt: skip
+    started = time.time()
+    log = output / f"{name}.log"
+    with open(log, "w") as handle:
+        code = subprocess.run(command, cwd=REPO, env=family_environment(family, threads), stdout=handle, stderr=subprocess.STDOUT).returncode
+    record = read_run(output, family, seed)
+    record.update(exit_code=code, seconds=round(time.time() - started, 1))
+    print(f"{name}: {record['seconds']:.0f} s, gates {'passed' if record.get('gates_passed') else 'FAILED'}", flush=True)
+    return record
+
+
+def read_run(output: Path, family: str, seed: int) -> dict:
+    """The figures of one finished run, from its artifacts."""
+    name = f"{family}-seed{seed}"
+    run_dir = output / name
+    record: dict = {"family": family, "seed": seed, "log": str(output / f"{name}.log")}
+    metrics_file = run_dir / "eval" / "metrics.json"
+    if not metrics_file.is_file():
+        record["error"] = f"no evaluation; see {record['log']}"
+        return record
+    summary = json.loads(metrics_file.read_text())
+    record["metrics"] = {f"{model}.{metric}": value for model, scores in summary["models"].items()
+                         for metric, value in scores.items() if isinstance(value, float)}  # fmt: skip
+    record["gates"] = summary["gates"]
+    record["gates_passed"] = summary["gates_passed"]
+    for stage, keys in STAGE_FIGURES.items():
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        record["metrics"].update({f"{stage}:{key}": manifest["metrics"][key] for key in keys if manifest["metrics"].get(key) is not None})
+    for stage in ("data", "base", "sft", "dpo", "eval"):
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        record["metrics"][f"seconds:{stage}"] = manifest["wall_seconds"]
+    # Gate-style differences, so their spread is measured too.
+    m = record["metrics"]
+    for later, earlier in (("sft", "base"), ("dpo", "sft")):
+        for metric in ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "tool_answer_match"):
+            if f"{later}.{metric}" in m and f"{earlier}.{metric}" in m:
+                m[f"{later}-{earlier}.{metric}"] = m[f"{later}.{metric}"] - m[f"{earlier}.{metric}"]
+    return record
+
+
+def table(runs: list[dict], metrics: list[str] | None = None) -> str:
+    """Per metric over every run: mean, minimum, maximum, standard deviation, mean - 3 std, and each kernel
+    family's range (families differ in their floating-point kernels, seeds in everything else)."""
+    complete = [r for r in runs if "metrics" in r]
+    keys = metrics or sorted({k for r in complete for k in r["metrics"]})
+    families = list(dict.fromkeys(r["family"] for r in complete))
+    lines = ["| metric | mean | min | max | std | mean - 3 std | " + " | ".join(f"{f} ({sum(r['family'] == f for r in complete)} runs)" for f in families) + " |",
+             "| --- " * (6 + len(families)) + "|"]  # fmt: skip
+    for key in keys:
+        values = [r["metrics"][key] for r in complete if key in r["metrics"]]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        ranges = []
+        for family in families:
+            own = [r["metrics"][key] for r in complete if r["family"] == family and key in r["metrics"]]
+            ranges.append(f"{min(own):.3f} - {max(own):.3f}" if own else "")
+        lines.append(f"| {key} | {mean:.4f} | {min(values):.4f} | {max(values):.4f} | {std:.4f} | {mean - 3 * std:.4f} | " + " | ".join(ranges) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="kernel families: native (no forcing), avx512, avx2, default (default: native and every lower one)")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once; with more than one, each gets one thread")
+    parser.add_argument("--output-dir", type=Path, help="where the runs' artifacts go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("spread.json"), help="every run's figures, as JSON")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: read the finished runs in --output-dir (e.g. of an interrupted spread) and report them")
+    parser.add_argument("--metrics", nargs="+", help="only these rows of the table (e.g. sft.exact_match dpo-sft.chosen_match)")
+    parser.add_argument("--append", action="store_true",
+                        help="add these runs to the ones already in --out (to measure a spread in parts) and report them all")  # fmt: skip
+    args = parser.parse_args()
+    native = native_family()
+    families = args.families or ["native", *[f for f in FAMILIES if list(FAMILIES).index(f) > list(FAMILIES).index(native)]]
+    output = args.output_dir or Path(tempfile.mkdtemp(prefix="spread-"))
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"native kernels: {native}; families {', '.join(families)}; seeds {args.seeds}; artifacts in {output}", flush=True)
+    jobs = [(family, seed) for family in families for seed in args.seeds]
+    threads = 1 if args.parallel > 1 else None
+    if args.collect:
+        runs = [read_run(output, family, seed) for family, seed in jobs if (output / f"{family}-seed{seed}").is_dir()]
+    else:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            runs = list(pool.map(lambda job: one_run(args.config, job[0], job[1], output, threads), jobs))
+    if args.append and args.out.is_file():
+        runs = json.loads(args.out.read_text())["runs"] + runs
+    args.out.write_text(json.dumps({"native": native, "runs": runs}, indent=1) + "\n")
+    print("\n" + table(runs, args.metrics))
+    print("\n| run | seconds | gates |\n| --- | --- | --- |")
+    for r in runs:
+        gates = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'} ({g['value']:.3f})" for g in r.get("gates", []) if g["value"] is not None)
+        print(f"| {r['family']}-seed{r['seed']} | {r.get('seconds', float('nan')):.0f} | {gates or r.get('error', '')} |")
+    failed = [r for r in runs if "error" in r or not all(g["passed"] for g in r["gates"])]
+    print(f"\n{len(runs) - len(failed)} of {len(runs)} runs passed every gate; figures in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
