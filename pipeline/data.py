@@ -197,15 +197,17 @@ def _length_stats(lengths: list[int]) -> dict[str, Any]:
 def _tokenize_and_filter(dataset: Any, kind: str, tokenizer: Any, recipe: Recipe, tally: Tally) -> Any:
     """Tokenize with the chat template (batched map) and drop, counting, what exceeds data.max_length."""
     max_length = recipe.data.max_length
+    # One process maps in this one: datasets would start a pool of one worker, and swap os.environ for a copy.
+    processes = recipe.data.num_proc if recipe.data.num_proc > 1 else None
     if kind == "sft":
         dataset = dataset.map(
-            _tokenize_sft, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=recipe.data.num_proc,
+            _tokenize_sft, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=processes,
             desc="tokenizing SFT rows",
         )  # fmt: skip
         keep = [length <= max_length for length in dataset["length"]]
     else:
         dataset = dataset.map(
-            _tokenize_preference, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=recipe.data.num_proc,
+            _tokenize_preference, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=processes,
             desc="tokenizing preference rows",
         )  # fmt: skip
         keep = [max(c, r) <= max_length for c, r in zip(dataset["chosen_length"], dataset["rejected_length"])]

@@ -82,7 +82,10 @@ class Settings:
         return variables
 
     @classmethod
-    def from_environment(cls, environ: MutableMapping[str, str] = os.environ) -> Settings:
+    def from_environment(cls, environ: MutableMapping[str, str] | None = None) -> Settings:
+        # os.environ looked up at call time: a default argument would keep the mapping of import time, which code
+        # that replaces os.environ (as some libraries' environment patching does) leaves behind.
+        environ = os.environ if environ is None else environ
         max_tokens = environ.get(MAX_TOKENS_VARIABLE)
         return cls(
             api_key=environ.get(API_KEY_VARIABLE) or None,
@@ -149,6 +152,16 @@ def limit_problem(payload: dict[str, Any], settings: Settings) -> tuple[str, str
     return None
 
 
+def prompt_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, parameter) if a completions prompt is empty: vLLM refuses it only once a stream has started, with a
+    traceback in the server log and an error event instead of a 400."""
+    prompt = payload.get("prompt")
+    prompts = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt) else [prompt]
+    if any(p == "" or p == [] for p in prompts):
+        return "The prompt is empty: send at least one character or token id.", "prompt"
+    return None
+
+
 def tools_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
     """(message, parameter) if a tool's parameter schema is not valid JSON Schema (its shape is vLLM's to check)."""
     tools = payload.get("tools")
@@ -182,7 +195,7 @@ def body_problem(body: bytes, settings: Settings) -> tuple[str, str | None] | No
         return "The request body nests JSON too deeply to be read.", None
     if not isinstance(payload, dict):
         return None
-    return limit_problem(payload, settings) or tools_problem(payload)
+    return limit_problem(payload, settings) or prompt_problem(payload) or tools_problem(payload)
 
 
 def _reads_json(scope: Scope) -> bool:

