@@ -29,15 +29,11 @@ from typing import Any
 
 from pipeline.core import artifacts, chat, cli, engines, models, report, scoring, stages, tracking
 from pipeline.core.config import Recipe
-from pipeline.core.errors import MissingArtifactError, PipelineError
+from pipeline.core.errors import GateFailure, MissingArtifactError, PipelineError
 
 STAGE = stages.get("eval")
 CACHE_DIR = "models"  # one JSON per model: its results and the key they were measured under
 HEADLINE = ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy")
-
-
-class GateFailure(PipelineError):
-    """One or more evaluation gates failed; the artifact is written and the table says which."""
 
 
 def model_artifacts(recipe: Recipe) -> dict[str, Path]:
@@ -82,8 +78,7 @@ def _full_weights_dir(folder: Path, scratch: Path, recipe: Recipe, settings: eng
     if adapter is None:
         return Path(base)
     target = scratch / folder.name
-    models.load_merged(base, adapter, recipe.model, settings.dtype).save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))  # vLLM loads the tokenizer from the model folder
+    models.save_merged(base, adapter, recipe.model, target, tokenizer, settings.dtype)
     return target
 
 

@@ -14,7 +14,6 @@ methods. Writes `checkpoints/<run>/grpo/` like DPO, with `rewards.png`, `kl.png`
 
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
 
@@ -30,7 +29,6 @@ if __name__ == "__main__" and not __package__:
 from pipeline.core import artifacts, chat, cli, rewards, stages, training  # noqa: E402 - after the script hand-over
 from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import ConfigError, MissingArtifactError  # noqa: E402
-from pipeline.dpo import _materialise_base  # noqa: E402
 
 STAGE = stages.get("grpo")
 KL_PLOT = "kl.png"
@@ -103,21 +101,9 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
     data_dir = recipe.run_dir / "data"
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
     reward_functions = rewards.load(section.rewards, tokenizer)
-    start = run.work_dir / artifacts.DPO_BASE_DIR
-    adapter = section.method != "full"
-
-    def start_model(args):  # noqa: ANN001, ANN202
-        state = training.processes()
-        if state.is_main_process:
-            # One process writes it; under ZeRO-3 the merge must load whole weights, not partition them across ranks.
-            with training.zero3_partitioning_off(args):
-                _materialise_base(*artifacts.model_location(recipe.run_dir / start_from.name), start, recipe, tokenizer)
-        state.wait_for_everyone()
-        return start
+    start = training.ContinuedModel(recipe, start_from.name, run.work_dir, adapter=section.method != "full")
 
     def finish(trainer, work):  # noqa: ANN001, ANN202
-        if not adapter and training.processes().is_main_process:
-            shutil.rmtree(work / artifacts.DPO_BASE_DIR)  # the trained full weights are in model/
         logged = [e for e in trainer.state.log_history if "reward" in e]
         last = logged[-1] if logged else {}
         # GRPO counts the prompt and completion tokens it trained on (`num_tokens`, cumulative); the Trainer's own
@@ -134,7 +120,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
             "completion_length": last.get("completions/mean_length"),
             **{f"reward_{name}": last.get(f"rewards/{name}/mean") for name in section.rewards},
         }
-        record = artifacts.model_record(artifacts.DPO_BASE_DIR if adapter else artifacts.MODEL_DIR, inside_artifact=True, adapter=adapter)
+        record = start.record(work)
         words = f", from {start_from.name}, mean reward {figures['reward_start']:.3g} -> {figures['reward_end']:.3g}" if logged else ""
         return record, figures, words
 
@@ -151,7 +137,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
         splits=_prompts(recipe, tokenizer),
         columns=["prompt", "reference", "expected_calls", "tools"],  # the prompt and what the rewards check it against
         tokenizer=tokenizer,
-        start=start_model,
+        start=start,
         plots=plots,
         owned={
             "use_vllm": section.generation != "hf",

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.core import cli, launch, stages
 from pipeline.core.config import Recipe, load_recipe
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import GateFailure, PipelineError
 
 
 class Stopped(Exception):
@@ -87,8 +87,7 @@ def run(
             except Stopped:
                 outcome = stages.Outcome.STOPPED
             except PipelineError as error:
-                gate_only = stage.name == "eval" and type(error).__name__ == "GateFailure"
-                if gate_only and allow_failed_gates:
+                if isinstance(error, GateFailure) and allow_failed_gates:
                     print(f"eval: gates failed; going on to export because of --allow-failed-gates.\n{error}", file=sys.stderr)
                     outcome = stages.Outcome.RAN
                 else:

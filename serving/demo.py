@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 from pipeline import evaluate
-from pipeline.core import artifacts, engines, report, stages
+from pipeline.core import artifacts, chat, report, scoring, stages
 from pipeline.core.cli import DEFAULT_CONFIG, run_cli
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import PipelineError
@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             gates = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())["gates"]
             raise PipelineError(evaluate.gate_failure_message(recipe, gates)) from None
         raise
-    prompts, references, _ = engines.held_out_conversations(recipe.run_dir / "data", 1)
+    data_dir = recipe.run_dir / "data"
+    question = scoring.HeldOut.load(data_dir, chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR), recipe).sets["answers"][0]
     port = server_process.free_port()
     started = time.time()
     server = subprocess.Popen([sys.executable, "-m", "serving.vllm_server", "--config", args.config, "--port", str(port)])
@@ -51,12 +52,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = artifacts.read_serving_file(export_dir)["served_model_name"]
         # The key the server requires, if the recipe's serve.api_key_env holds one (the server inherits this environment).
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get(recipe.serve.api_key_env) or "none")
-        reply = client.chat.completions.create(model=name, messages=prompts[0], temperature=0)
+        reply = client.chat.completions.create(model=name, messages=question["prompt"], temperature=0)
         answer = reply.choices[0].message.content
     finally:
         server_process.stop(server)
     print(f"\nserved {name} (healthy after {time.time() - started:.0f} s), asked one held-out question:")
-    print(f"  question:  {prompts[0][-1]['content']}\n  reference: {references[0]}\n  answer:    {answer}\n")
+    print(f"  question:  {question['prompt'][-1]['content']}\n  reference: {question['reference']}\n  answer:    {answer}\n")
     summary = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())
     print(f"{'model':8}" + "".join(f"{c:>26}" for c in COLUMNS))
     for model_name, values in summary["models"].items():

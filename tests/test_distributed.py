@@ -100,7 +100,7 @@ def test_sft_then_dpo_with_two_processes(tmp_path: Path, config: str) -> None:
     from peft import PeftModel
 
     dpo_dir = recipe.run_dir / "dpo"
-    tuned = PeftModel.from_pretrained(load_without_deepspeed(dpo_dir / artifacts.DPO_BASE_DIR), str(dpo_dir / artifacts.MODEL_DIR))
+    tuned = PeftModel.from_pretrained(load_without_deepspeed(dpo_dir / artifacts.START_MODEL_DIR), str(dpo_dir / artifacts.MODEL_DIR))
     lora_b = [p for name, p in tuned.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.numel() > 0 for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
 

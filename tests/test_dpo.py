@@ -54,7 +54,7 @@ def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path))
     dpo.run(recipe)
     out = recipe.run_dir / "dpo"
-    base_dir = out / artifacts.DPO_BASE_DIR
+    base_dir = out / artifacts.START_MODEL_DIR
     import torch
 
     from pipeline.core import models
@@ -69,7 +69,7 @@ def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
     assert (out / artifacts.REWARDS_PLOT).is_file() and (out / artifacts.LOSS_PLOT).is_file()
     no_pickles(out)
     manifest = json.loads((out / artifacts.MANIFEST).read_text())
-    assert manifest["model"] == {"base": artifacts.DPO_BASE_DIR, "base_inside_artifact": True, "adapter": True}
+    assert manifest["model"] == {"base": artifacts.START_MODEL_DIR, "base_inside_artifact": True, "adapter": True}
     assert {"rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies"} <= set(manifest["metrics"])
     assert set(manifest["inputs"]) == {"data", "sft"}
     base, adapter = artifacts.model_location(out)
@@ -82,7 +82,7 @@ def test_qlora_dpo_trains_on_the_cpu_and_keeps_a_full_precision_base(tmp_path: P
     out = recipe.run_dir / "dpo"
     curve = losses(out)
     assert len(curve) == 8 and all(loss == loss for loss in curve)  # every step logged, no NaN
-    merged = weights(out / artifacts.DPO_BASE_DIR)
+    merged = weights(out / artifacts.START_MODEL_DIR)
     assert not [name for name in merged if "absmax" in name or "quant" in name], "4-bit state leaked into the merge"
 
 
@@ -93,7 +93,7 @@ def test_full_dpo_trains_every_weight_against_a_frozen_reference(tmp_path: Path)
     trained = weights(out / artifacts.MODEL_DIR)
     start = weights(recipe.run_dir / "sft" / artifacts.MODEL_DIR)
     assert any(not (trained[k] == start[k]).all() for k in start)
-    assert not (out / artifacts.DPO_BASE_DIR).exists()
+    assert not (out / artifacts.START_MODEL_DIR).exists()
     assert artifacts.model_location(out) == (out / artifacts.MODEL_DIR, None)
 
 

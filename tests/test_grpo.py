@@ -173,8 +173,10 @@ def test_prompts_carry_the_reference_answer_and_the_expected_calls(tmp_path: Pat
 
 def test_grpo_raises_the_mean_reward_and_writes_its_artifact(tmp_path: Path) -> None:
     # After 30 SFT steps the tiny model answers in the reference's shape about 80% of the time: the `format` reward
-    # has room to rise, and full fine-tuning at a constant rate moves it within 16 steps (measured: the first 4 steps
-    # average 0.78, the last 8 0.92; with LoRA, or on the rarer exact match, 16 steps barely move this tiny model).
+    # has room to rise, and full fine-tuning at a constant rate moves it within 16 steps. Measured with this recipe's
+    # seed (7): first 4 steps 0.781, last 8 0.922, a rise of 0.141 with the native, avx2 and default CPU kernels
+    # alike; the bound is half of it. The rise depends on the seed (seed 1: -0.047, seed 2: +0.016; 32 steps: +0.016,
+    # +0.063), so this pins the seed: it shows the stage optimises its reward, not how much GRPO gains in general.
     recipe = prepare_with_sft(grpo_recipe(tmp_path, method="full", rewards=["format"], learning_rate=5e-3,
                                           lr_scheduler_type="constant", max_steps=16, beta=0.05))  # fmt: skip
     assert grpo.run(recipe) == stages.Outcome.RAN
@@ -203,7 +205,7 @@ def test_each_method_trains(tmp_path: Path, method: str) -> None:
     manifest = json.loads((out / artifacts.MANIFEST).read_text())
     assert manifest["metrics"]["method"] == method and manifest["metrics"]["optimizer_steps"] == 3
     if method == "full":
-        assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / artifacts.DPO_BASE_DIR).exists()
+        assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / artifacts.START_MODEL_DIR).exists()
     else:
         assert json.loads((out / artifacts.MODEL_DIR / "adapter_config.json").read_text())["use_dora"] is (method == "dora")
     assert all(value == value for value in logged(out, "loss"))  # no NaN

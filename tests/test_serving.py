@@ -126,9 +126,10 @@ def test_health_is_open_and_every_other_route_needs_the_key(server) -> None:
     assert [m.id for m in server["client"].models.list().data] == [server["name"]]
 
 
-def test_chat_answer_equals_the_hf_greedy_answer_of_the_export(server) -> None:
+def test_chat_answer_equals_the_hf_greedy_answer_of_the_export(server, held_out: scoring.HeldOut) -> None:
     tokenizer = chat.load_tokenizer(server["artifact"] / "model")
-    prompts, _, tools = engines.held_out_conversations(server["recipe"].run_dir / "data", 12)
+    rows = held_out.sets["answers"][:12]
+    prompts, tools = [row["prompt"] for row in rows], [row["tools"] for row in rows]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(server["artifact"] / "model"))

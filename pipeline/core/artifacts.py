@@ -38,7 +38,7 @@ LOG_HISTORY = "log_history.json"
 TRAINING_ARGS = "training_args.json"
 LOSS_PLOT = "loss.png"
 REWARDS_PLOT = "rewards.png"
-DPO_BASE_DIR = "base_model"  # the SFT model a DPO adapter was trained on, merged to full precision
+START_MODEL_DIR = "base_model"  # the trained model DPO or GRPO continued, in full precision: an adapter's base
 CHECKPOINTS_DIR = "checkpoints"  # in <stage>.partial/ while training; removed when the stage completes
 RESUME_KEY = "resume_key.json"
 # eval/

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import artifacts, chat, formats
+from pipeline.core import chat
 from pipeline.core.errors import ConfigError
 
 # vLLM's CPU backend reserves this much memory for its KV cache (GiB) unless VLLM_CPU_KVCACHE_SPACE is set: plenty
@@ -85,22 +85,6 @@ def choose_backend(requested: str) -> str:
             "serve-gpu extra (CUDA hosts), or set evaluate.backend: hf."
         )
     return requested
-
-
-def held_out_conversations(data_dir: Path, limit: int | None = None) -> tuple[list[list[dict]], list[str], list[Any]]:
-    """Prompts (everything before the last assistant turn), reference answers and tools of the SFT eval split."""
-    import datasets
-
-    split = datasets.load_from_disk(str(Path(data_dir) / artifacts.SFT_DATA_DIR))["eval"]
-    if limit is not None:
-        split = split.select(range(min(limit, len(split))))
-    prompts, references, tools = [], [], []
-    for row in split:
-        messages = chat.clean_messages(row["messages"])
-        prompts.append(formats.sft_prompt(messages))
-        references.append(messages[-1]["content"])
-        tools.append(chat.parse_tools(row["tools"]))
-    return prompts, references, tools
 
 
 def prompt_ids(tokenizer: Any, prompts: list[list[dict]], tools: list[Any] | None = None) -> list[list[int]]:

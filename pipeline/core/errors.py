@@ -15,3 +15,7 @@ class MissingArtifactError(PipelineError):
 
 class DataError(PipelineError):
     """Input data could not be read or too little of it survived validation."""
+
+
+class GateFailure(PipelineError):
+    """One or more evaluation gates failed; the evaluation artifact is written and the message says which."""

@@ -104,3 +104,9 @@ def load_merged(base_path: str | Path, adapter_dir: Path | None, model: ModelCon
     from peft import PeftModel
 
     return PeftModel.from_pretrained(loaded, str(adapter_dir)).merge_and_unload()
+
+
+def save_merged(base_path: str | Path, adapter_dir: Path, model: ModelConfig, target: Path, tokenizer: Any, dtype: str | None = None) -> None:
+    """`load_merged` written to `target` with the tokenizer, a folder that loads (and serves, in vLLM) on its own."""
+    load_merged(base_path, adapter_dir, model, dtype).save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))

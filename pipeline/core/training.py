@@ -1,4 +1,4 @@
-"""The one runner of every TRL training stage (SFT, DPO): batch plan, model + adapters, trainer arguments,
+"""The one runner of every TRL training stage (SFT, DPO, GRPO): batch plan, model + adapters, trainer arguments,
 checkpoints and resume, SIGTERM, the final artifact and its plots. A stage file says only what is its own: the
 TRL config and trainer class, its data, where its model starts, and what it adds to the manifest (`Job`).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core import artifacts, launch, models, stages, tracking
+from pipeline.core import artifacts, chat, launch, models, stages, tracking
 from pipeline.core.artifacts import CHECKPOINTS_DIR, RESUME_KEY
 from pipeline.core.config import Recipe, TrainingSection
 from pipeline.core.errors import ConfigError, PipelineError
@@ -417,6 +418,48 @@ def train_and_save(
 
 
 # ------------------------------------------------------------------------------------------ the runner
+
+
+class ContinuedModel:
+    """The start of a stage that continues a trained model (DPO after SFT, GRPO after DPO): that model in full
+    precision in `<work>/base_model/`, merged where it trained an adapter (never into 4-bit weights), hard-linked
+    where it trained full weights. One process writes it. An adapter method trains a fresh adapter on it, and the
+    folder stays in the artifact as the adapter's base; full fine-tuning writes its own weights to model/, and
+    `record` removes the copy."""
+
+    def __init__(self, recipe: Recipe, source_stage: str, work_dir: Path, adapter: bool) -> None:
+        self.recipe, self.source, self.adapter = recipe, recipe.run_dir / source_stage, adapter
+        self.path = work_dir / artifacts.START_MODEL_DIR
+
+    def __call__(self, args: Any) -> Path:
+        state = processes()
+        if state.is_main_process:
+            # Under ZeRO-3 the merge must load whole weights, not partition them across ranks.
+            with zero3_partitioning_off(args):
+                self._materialise()
+        state.wait_for_everyone()
+        return self.path
+
+    def _materialise(self) -> None:
+        if (self.path / "config.json").is_file():
+            return  # left by an interrupted run that is now resuming
+        model, adapter = artifacts.model_location(self.source)
+        if adapter is None:
+            self.path.mkdir(parents=True)
+            for file in Path(model).iterdir():
+                if file.is_file():
+                    try:
+                        os.link(file, self.path / file.name)
+                    except OSError:
+                        shutil.copy2(file, self.path / file.name)
+            return
+        models.save_merged(model, adapter, self.recipe.model, self.path, chat.load_tokenizer(self.recipe.run_dir / "data" / artifacts.TOKENIZER_DIR))
+
+    def record(self, work: Path) -> dict[str, Any]:
+        """The finished artifact's model record; drops the start copy a full fine-tune no longer needs."""
+        if not self.adapter and processes().is_main_process:
+            shutil.rmtree(work / artifacts.START_MODEL_DIR)  # the trained weights are in model/; the start is its own artifact
+        return artifacts.model_record(artifacts.START_MODEL_DIR if self.adapter else artifacts.MODEL_DIR, inside_artifact=True, adapter=self.adapter)
 
 
 @dataclass
