@@ -240,12 +240,11 @@ def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
 
 
 def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype: str) -> Path:
-    """An export-shaped folder (serving.json from export.write_serving_file) holding the random 135M model."""
+    """An export-shaped folder (serving.json from artifacts.write_serving_file) holding the random 135M model."""
     import shutil
 
     from benchmarks.llama_135m import build_135m
     from pipeline.core import artifacts
-    from pipeline import export
 
     model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir)
     template = model_dir / "chat_template.jinja"
@@ -254,8 +253,8 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype:
     generation = json.loads((model_dir / "generation_config.json").read_text())
     stop_ids = generation.get("eos_token_id")
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
-    export.write_serving_file(folder, served_model_name=SERVED_NAME, max_model_len=max_model_len, dtype=dtype,
-                              stop_ids=stop_ids, stop_tokens=[], lora=None)  # fmt: skip
+    artifacts.write_serving_file(folder, served_model_name=SERVED_NAME, max_model_len=max_model_len, dtype=dtype,
+                                 stop_ids=stop_ids, stop_tokens=[], tool_call_parser=None, lora=None)  # fmt: skip
     return folder
 
 

@@ -221,7 +221,7 @@ def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, target
     artifacts.write_serving_file(
         work, served_model_name=recipe.serve.served_model_name or recipe.run.name, max_model_len=recipe.data.max_length,
         dtype=recipe.model.dtype, stop_ids=stop_ids, stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),
-        tool_call_parser=parser, lora=lora, gates=gates,
+        tool_call_parser=parser, lora=lora, gates=gates, exported_from=final.name,
     )  # fmt: skip
 
     if "onnx" in targets:

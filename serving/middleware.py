@@ -28,6 +28,11 @@ then `data: [DONE]`), a request not yet answered a 503. vLLM then stops its engi
 second signal ends the grace period early. Without this, vLLM stopped the engine first and waited for the
 clients: an open stream froze without `[DONE]` and the process never exited.
 
+What the export says of the model. `GET /v1/models` lists each model with a `pipeline` field beside OpenAI's:
+`{"gates": "passed" | "failed", "exported_from": <stage>}`, from the export's serving.json, so a client can see
+that the model it talks to was exported past failing evaluation gates (`--allow-failed-gates`). vLLM's model card
+has no field for it; OpenAI clients keep unknown fields (the openai SDK as `model.model_extra["pipeline"]`).
+
 Every error this middleware answers has OpenAI's shape, as vLLM writes its own:
 `{"error": {"message": ..., "type": ..., "param": ..., "code": <HTTP status>}}`.
 """
@@ -42,7 +47,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -58,6 +63,9 @@ API_KEY_VARIABLE = "VLLM_API_KEY"
 GRACE_VARIABLE = "PIPELINE_SERVE_SHUTDOWN_GRACE"
 MAX_N_VARIABLE = "PIPELINE_SERVE_MAX_N"
 MAX_TOKENS_VARIABLE = "PIPELINE_SERVE_MAX_TOKENS"
+MODEL_METADATA_VARIABLE = "PIPELINE_SERVE_MODEL_METADATA"
+MODELS_PATH = "/v1/models"
+MODEL_METADATA_FIELD = "pipeline"
 TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Body fields that hold a batch: each entry is generated (or scored) as a request of its own.
 BATCH_FIELDS = ("prompt", "messages", "items")
@@ -71,6 +79,7 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     max_n: int = DEFAULT_MAX_N
     max_tokens: int | None = None  # None: the model length, which vLLM enforces itself
+    model_metadata: dict[str, Any] = field(default_factory=dict)  # shown in /v1/models as each model's `pipeline`
 
     def environment(self) -> dict[str, str]:
         """The variables `from_environment` reads back in the server process."""
@@ -79,6 +88,8 @@ class Settings:
             variables[API_KEY_VARIABLE] = self.api_key
         if self.max_tokens is not None:
             variables[MAX_TOKENS_VARIABLE] = str(self.max_tokens)
+        if self.model_metadata:
+            variables[MODEL_METADATA_VARIABLE] = json.dumps(self.model_metadata)
         return variables
 
     @classmethod
@@ -92,6 +103,7 @@ class Settings:
             shutdown_grace=float(environ.get(GRACE_VARIABLE, DEFAULT_SHUTDOWN_GRACE)),
             max_n=int(environ.get(MAX_N_VARIABLE, DEFAULT_MAX_N)),
             max_tokens=int(max_tokens) if max_tokens else None,
+            model_metadata=json.loads(environ.get(MODEL_METADATA_VARIABLE) or "{}"),
         )
 
 
@@ -228,6 +240,46 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+def annotate_models(body: bytes, metadata: dict[str, Any]) -> bytes:
+    """A /v1/models answer with `metadata` as each model's `pipeline` field; any other body unchanged."""
+    try:
+        listing = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        return body
+    for model in listing["data"]:
+        if isinstance(model, dict):
+            model[MODEL_METADATA_FIELD] = metadata
+    return json.dumps(listing).encode()
+
+
+def _annotating_models(send: Send, metadata: dict[str, Any]) -> Send:
+    """A send that holds the response until its body is complete, then sends it annotated, with its new length."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def annotated(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return None
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            body = annotate_models(body, metadata)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return None
+
+    return annotated
+
+
 class _Response:
     """What an app has sent of its response, so a request cut off at shutdown can still be ended properly."""
 
@@ -304,9 +356,13 @@ class ServingGuard:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _Response(send)
+        app_send = response.send
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if self.settings.model_metadata and scope["method"] == "GET" and path == MODELS_PATH:
+            app_send = _annotating_models(response.send, self.settings.model_metadata)
         # The app runs as a task of its own, so that the end of the grace period can cancel it and this request
         # still answers; a cancellation of the request itself reaches the app through the await.
-        handling = asyncio.ensure_future(self.app(scope, receive, response.send))
+        handling = asyncio.ensure_future(self.app(scope, receive, app_send))
         self._running.add(handling)
         try:
             await handling

@@ -10,7 +10,8 @@ the model to. The API key comes from the environment variable named by `serve.ap
 which shows it in the process list); it reaches vLLM as VLLM_API_KEY, never on vLLM's command line. The
 project's middleware (`serving.middleware`) makes every route but /health need it, limits what one request
 may ask for (--max-n sequences, --max-tokens-limit new tokens) and, on SIGTERM, drains the requests in flight
-for --shutdown-grace seconds before the server exits. Each flag's default is the recipe's `serve.max_n`,
+for --shutdown-grace seconds before the server exits; /v1/models shows beside each model whether the export passed
+its evaluation gates and which stage it came from. Each flag's default is the recipe's `serve.max_n`,
 `serve.max_tokens`, `serve.shutdown_grace` (8 sequences, the model length, 5 s unless the recipe says otherwise).
 Needs vLLM: the `serve-cpu` extra on CPU hosts, `serve-gpu` on CUDA hosts.
 """
@@ -78,6 +79,12 @@ def vllm_arguments(
     return arguments + list(extra)
 
 
+def model_metadata(serving: dict) -> dict[str, str]:
+    """What /v1/models shows of the export beside each model (serving.middleware): whether it passed its gates, and
+    the stage it was exported from; exports written before these fields leave them out."""
+    return {key: serving[key] for key in ("gates", "exported_from") if serving.get(key)}
+
+
 def apply_recipe_limits(args: argparse.Namespace, serve: object) -> None:
     """The request limits and the shutdown grace: the command line's where given, else the recipe's serve section."""
     for flag, key in (("shutdown_grace", "shutdown_grace"), ("max_n", "max_n"), ("max_tokens_limit", "max_tokens")):
@@ -132,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"(--allow-failed-gates); see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}.", file=sys.stderr)  # fmt: skip
     max_tokens = args.max_tokens_limit or serving["max_model_len"]
     limits = middleware.Settings(api_key=args.api_key or os.environ.get(recipe.serve.api_key_env),
-                                 shutdown_grace=args.shutdown_grace, max_n=args.max_n, max_tokens=max_tokens)  # fmt: skip
+                                 shutdown_grace=args.shutdown_grace, max_n=args.max_n, max_tokens=max_tokens,
+                                 model_metadata=model_metadata(serving))  # fmt: skip
     # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.

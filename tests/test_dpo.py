@@ -76,6 +76,22 @@ def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
     assert base == base_dir and adapter == out / artifacts.MODEL_DIR
 
 
+def test_a_combined_loss_is_also_measured_term_by_term_on_the_held_out_pairs(tmp_path: Path) -> None:
+    recipe = prepare_with_sft(dpo_recipe(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                                         eval_strategy="steps", eval_steps=4))  # fmt: skip
+    dpo.run(recipe)
+    out = recipe.run_dir / "dpo"
+    evaluations = [e for e in json.loads((out / artifacts.LOG_HISTORY).read_text()) if "eval_loss" in e]
+    assert [e["step"] for e in evaluations] == [4, 8]
+    for entry in evaluations:
+        # The terms are what TRL sums: the combined held-out loss is their weighted sum.
+        assert entry["eval_loss"] == pytest.approx(entry["eval_sigmoid_loss"] + 0.5 * entry["eval_sft_loss"], rel=1e-5)
+        assert entry["eval_sigmoid_loss"] > 0 and entry["eval_sft_loss"] > 0
+    metrics = artifacts.read_manifest(out)["metrics"]
+    assert metrics["eval_sigmoid_loss"] == evaluations[-1]["eval_sigmoid_loss"]
+    assert metrics["eval_sft_loss"] == evaluations[-1]["eval_sft_loss"]
+
+
 def test_qlora_dpo_trains_on_the_cpu_and_keeps_a_full_precision_base(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path, sft_method="qlora", dpo_method="qlora"))
     dpo.run(recipe)

@@ -14,6 +14,7 @@ from pipeline import run as pipeline_run
 from pipeline.core import artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
+from serving import vllm_server
 
 from conftest import REPO, run_module
 from test_dpo import dpo_recipe
@@ -62,7 +63,10 @@ def test_failed_gates_stop_before_export_unless_allowed_and_the_export_says_so(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EXPORTED DESPITE FAILING GATES" in result.stdout
     assert artifacts.read_manifest(recipe.run_dir / "export")["metrics"]["gates"] == "failed"
-    assert artifacts.read_serving_file(recipe.run_dir / "export")["gates"] == "failed"
+    serving = artifacts.read_serving_file(recipe.run_dir / "export")
+    assert serving["gates"] == "failed"
+    # ... and so does the server's model listing (tests/test_serving_middleware.py shows how it reaches /v1/models).
+    assert vllm_server.model_metadata(serving) == {"gates": "failed", "exported_from": "dpo"}
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -123,7 +123,10 @@ def test_health_is_open_and_every_other_route_needs_the_key(server) -> None:
     with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     assert set(refused.value.body) == ERROR_FIELDS
-    assert [m.id for m in server["client"].models.list().data] == [server["name"]]
+    listed = server["client"].models.list().data
+    assert [m.id for m in listed] == [server["name"]]
+    # What the export says of the model travels with it: the default recipe's DPO export passed its gates.
+    assert listed[0].model_extra["pipeline"] == {"gates": "passed", "exported_from": "dpo"}
 
 
 def test_chat_answer_equals_the_hf_greedy_answer_of_the_export(server, held_out: scoring.HeldOut) -> None:

@@ -78,7 +78,7 @@ async def slow_answer(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
 
 def guard(monkeypatch: pytest.MonkeyPatch, app, **settings) -> middleware.ServingGuard:  # noqa: ANN001
     chosen = middleware.Settings(**{"api_key": KEY, **settings})
-    for name in (middleware.API_KEY_VARIABLE, middleware.MAX_TOKENS_VARIABLE):
+    for name in (middleware.API_KEY_VARIABLE, middleware.MAX_TOKENS_VARIABLE, middleware.MODEL_METADATA_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     for name, value in chosen.environment().items():
         monkeypatch.setenv(name, value)
@@ -229,3 +229,33 @@ def test_an_empty_prompt_gets_a_400_before_vllm_streams(monkeypatch: pytest.Monk
     body = json.dumps({"model": "m", "prompt": prompt, "stream": True}).encode()
     sent = asyncio.run(call(app, "/v1/completions", "POST", body, {**JSON, **AUTH}))
     assert status(sent) == 400 and b'"param": "prompt"' in b"".join(m.get("body", b"") for m in sent)
+
+
+def models_listing(status_code: int = 200):  # noqa: ANN201 - an ASGI app
+    """vLLM's /v1/models answer (or an error with `status_code`), its body sent in two parts with its length."""
+    listing = json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "vllm"},
+                                                     {"id": "tiny-lora", "object": "model", "owned_by": "vllm"}]}).encode()  # fmt: skip
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        await send({"type": "http.response.start", "status": status_code,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(listing)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": listing[:10], "more_body": True})
+        await send({"type": "http.response.body", "body": listing[10:], "more_body": False})
+
+    return app, listing
+
+
+def test_the_model_listing_says_what_the_export_says_of_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    metadata = {"gates": "failed", "exported_from": "dpo"}
+    app, listing = models_listing()
+    sent = asyncio.run(call(guard(monkeypatch, app, model_metadata=metadata), "/v1/models", "GET", headers=AUTH))
+    answer = json.loads(body(sent))
+    assert [m["pipeline"] for m in answer["data"]] == [metadata, metadata]
+    assert [m["id"] for m in answer["data"]] == ["tiny", "tiny-lora"]
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(body(sent))).encode()
+    assert [k for k, _ in sent[0]["headers"]].count(b"content-length") == 1
+    # Other routes, error answers and a server without metadata pass unchanged.
+    assert body(asyncio.run(call(guard(monkeypatch, app, model_metadata=metadata), "/v1/models/tiny", "GET", headers=AUTH))) == listing
+    failing, listing = models_listing(500)
+    assert body(asyncio.run(call(guard(monkeypatch, failing, model_metadata=metadata), "/v1/models", "GET", headers=AUTH))) == listing
+    assert body(asyncio.run(call(guard(monkeypatch, app), "/v1/models", "GET", headers=AUTH))) == listing

@@ -258,9 +258,10 @@ def model_location(folder: Path) -> tuple[str | Path, Path | None]:
 
 def write_serving_file(
     folder: Path, *, served_model_name: str, max_model_len: int, dtype: str, stop_ids: list[int], stop_tokens: list[str],
-    tool_call_parser: str | None, lora: dict[str, str] | None, gates: dict[str, Any] | None = None,
+    tool_call_parser: str | None, lora: dict[str, str] | None, gates: str | None = None, exported_from: str | None = None,
 ) -> None:  # fmt: skip
-    """What `serving.vllm_server` starts vLLM from; paths are relative to `folder`."""
+    """What `serving.vllm_server` starts vLLM from; paths are relative to `folder`. `gates` ("passed" or "failed")
+    and `exported_from` (the trained stage) are what the server shows of the model in /v1/models."""
     record = {
         "served_model_name": served_model_name,
         "model": MODEL_DIR,
@@ -272,6 +273,7 @@ def write_serving_file(
         "tool_call_parser": tool_call_parser,
         "lora": lora,
         "gates": gates,
+        "exported_from": exported_from,
     }
     (Path(folder) / SERVING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
