@@ -5,7 +5,8 @@ DPO artifact, else the SFT one), with LoRA, QLoRA, DoRA or full fine-tuning.
     python -m pipeline.grpo ...
 
 Runs only for a recipe whose `grpo.rewards` names a reward. The prompts are the SFT training conversations' (the
-data artifact), each with the reference answer and tool calls the rewards check (pipeline/core/rewards.py); the
+data artifact), each with the reference answer and tool calls the rewards check (pipeline/core/rewards.py); with
+`grpo.prompts: unsolved`, only those the start model answers wrong (greedy, before training); the
 policy samples `num_generations` completions per prompt with HF generate, or vLLM on a GPU (`grpo.generation`).
 The start model is put in place as DPO puts its own: merged in full precision into `base_model/` for adapter
 methods. Writes `checkpoints/<run>/grpo/` like DPO, with `rewards.png`, `kl.png` (when grpo.beta > 0) and
@@ -26,7 +27,7 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("pipeline.grpo", run_name="__main__", alter_sys=True)
     raise SystemExit
 
-from pipeline.core import artifacts, chat, cli, rewards, stages, training  # noqa: E402 - after the script hand-over
+from pipeline.core import artifacts, chat, cli, engines, models, rewards, stages, training  # noqa: E402 - after the script hand-over
 from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import ConfigError, MissingArtifactError  # noqa: E402
 
@@ -67,7 +68,22 @@ def _check_generation(section) -> None:  # noqa: ANN001 - the recipe's grpo sect
         )
 
 
-def _prompts(recipe: Recipe, tokenizer) -> object:  # noqa: ANN001
+def _unsolved(rows: list[dict], recipe: Recipe, start_from: stages.Stage, tokenizer, max_new_tokens: int) -> list[dict]:  # noqa: ANN001
+    """The rows whose prompt the start model answers wrong, greedily. After SFT and DPO most prompts are solved, and
+    a group of completions that all score the same has no advantage to learn from: measured on the default recipe's
+    DPO model, 262 of 5,094 training prompts were answered wrong, and on 105 of 120 of those at least one of 8
+    completions sampled at temperature 1 was right. Every process filters the same rows (greedy decoding)."""
+    from accelerate import PartialState
+
+    base, adapter = artifacts.model_location(recipe.run_dir / start_from.name)
+    model = models.load_merged(base, adapter, recipe.model).to(PartialState().device)
+    model.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
+    ids = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in rows]
+    answers = engines.hf_generate(model, tokenizer, ids, max_new_tokens)
+    return [row for row, answer in zip(rows, answers) if not rewards.solved(row, answer)]
+
+
+def _prompts(recipe: Recipe, tokenizer, start_from: stages.Stage, max_new_tokens: int) -> tuple[object, dict[str, int]]:  # noqa: ANN001
     import datasets
 
     data_dir = recipe.run_dir / "data"
@@ -86,7 +102,16 @@ def _prompts(recipe: Recipe, tokenizer) -> object:  # noqa: ANN001
             f"grpo.sources ({', '.join(recipe.grpo.sources)}) gives no training prompt: none of the SFT training rows "
             f"comes from these sources. Name sources with chat rows, or leave grpo.sources empty for all."
         )
-    return datasets.DatasetDict({name: datasets.Dataset.from_list(found) for name, found in rows.items() if found})
+    counts = {"prompts_available": len(rows["train"])}
+    if recipe.grpo.prompts == "unsolved":
+        rows["train"] = _unsolved(rows["train"], recipe, start_from, tokenizer, max_new_tokens)
+        if not rows["train"]:
+            raise ConfigError(
+                f"grpo.prompts is unsolved, and the {start_from.name} model already answers all {counts['prompts_available']} "
+                f"training prompts right: GRPO has nothing to learn from them. Set grpo.prompts: all, or add harder prompts."
+            )
+    counts["prompts_trained"] = len(rows["train"])
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(found) for name, found in rows.items() if found}), counts
 
 
 def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> training.Job:
@@ -101,6 +126,9 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
     data_dir = recipe.run_dir / "data"
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
     reward_functions = rewards.load(section.rewards, tokenizer)
+    # Answers as long as evaluation lets them be, unless the recipe says otherwise (TRL's default is 512).
+    max_completion_length = section.trainer.get("max_completion_length", recipe.evaluate.max_new_tokens)
+    splits, prompt_counts = _prompts(recipe, tokenizer, start_from, max_completion_length)
     start = training.ContinuedModel(recipe, start_from.name, run.work_dir, adapter=section.method != "full")
 
     def finish(trainer, work):  # noqa: ANN001, ANN202
@@ -114,6 +142,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
             "tokens_seen": tokens,
             "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
             "started_from": start_from.name,
+            **prompt_counts,
             "reward_start": logged[0]["reward"] if logged else None,
             "reward_end": last.get("reward"),
             "kl": last.get("kl"),
@@ -122,6 +151,8 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
         }
         record = start.record(work)
         words = f", from {start_from.name}, mean reward {figures['reward_start']:.3g} -> {figures['reward_end']:.3g}" if logged else ""
+        if section.prompts == "unsolved":
+            words += f", on the {prompt_counts['prompts_trained']:,} of {prompt_counts['prompts_available']:,} prompts it answered wrong"
         return record, figures, words
 
     plots = {
@@ -134,7 +165,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
     return training.Job(
         config_class=GRPOConfig,
         trainer_class=GRPOTrainer,
-        splits=_prompts(recipe, tokenizer),
+        splits=splits,
         columns=["prompt", "reference", "expected_calls", "tools"],  # the prompt and what the rewards check it against
         tokenizer=tokenizer,
         start=start,
@@ -142,8 +173,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
         owned={
             "use_vllm": section.generation != "hf",
             "vllm_mode": section.generation.removeprefix("vllm-") if section.generation != "hf" else "colocate",
-            # Answers as long as evaluation lets them be, unless the recipe says otherwise (TRL's default is 512).
-            "max_completion_length": section.trainer.get("max_completion_length", recipe.evaluate.max_new_tokens),
+            "max_completion_length": max_completion_length,
             # GRPO counts the prompt and completion tokens it trains on itself; the Trainer's own count looks for an
             # `input_ids` batch GRPO never builds, and warns at every step.
             "include_num_input_tokens_seen": "no",

@@ -36,9 +36,9 @@ def grpo_section(**settings) -> dict:
             "lora": LORA, **settings}  # fmt: skip
 
 
-def grpo_recipe(tmp_path: Path, sft_steps: int = 30, **settings) -> Path:
+def grpo_recipe(tmp_path: Path, sft_steps: int = 30, rows: list[dict] | None = None, **settings) -> Path:
     return write_recipe(
-        tmp_path, [{"path": str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(64)))}],
+        tmp_path, [{"path": str(write_jsonl(tmp_path / "chat.jsonl", rows or chat_rows(64)))}],
         sft={"method": "full", "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": sft_steps},
         grpo=grpo_section(**settings),
     )  # fmt: skip
@@ -195,6 +195,30 @@ def test_grpo_raises_the_mean_reward_and_writes_its_artifact(tmp_path: Path) -> 
     assert metrics["reward_end"] == reward[-1] and metrics["reward_start"] == reward[0] and "reward_format" in metrics
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0
     assert grpo.run(recipe) == stages.Outcome.SKIPPED
+
+
+def test_unsolved_prompts_are_those_the_start_model_answers_wrong(tmp_path: Path) -> None:
+    # Half the rows have one answer, which 30 SFT steps teach; the other half count, which they do not.
+    greetings = [{"messages": [{"role": "user", "content": f"Greet guest {i}."}, {"role": "assistant", "content": "hello"}]} for i in range(32)]
+    recipe = prepare_with_sft(grpo_recipe(tmp_path, rows=greetings + chat_rows(32), prompts="unsolved", max_steps=1))
+    grpo.run(recipe)
+    metrics = artifacts.read_manifest(recipe.run_dir / "grpo")["metrics"]
+    # The start model's greedy answers to every training prompt, checked here by plain text comparison (the test
+    # rows call no tools).
+    from pipeline.core import engines, models
+
+    tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
+    model = models.load(recipe.run_dir / "sft" / artifacts.MODEL_DIR, recipe.model)
+    model.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
+    import datasets
+
+    train = datasets.load_from_disk(str(recipe.run_dir / "data" / artifacts.SFT_DATA_DIR))["train"]
+    prompts = [row["messages"][:-1] for row in train]
+    answers = engines.hf_generate(model, tokenizer, engines.prompt_ids(tokenizer, prompts), 8)
+    wrong = sum(answer != row["messages"][-1]["content"] for answer, row in zip(answers, train))
+    assert metrics["prompts_available"] == len(train)
+    assert 0 < metrics["prompts_trained"] == wrong < len(train)
+    print(f"{wrong} of {len(train)} training prompts unsolved")
 
 
 @pytest.mark.parametrize("method", ["full", "qlora", "dora"])

@@ -282,6 +282,9 @@ class GRPOSection(TrainingSection):
     # (colocate) or from `trl vllm-serve` (server).
     generation: GRPOGeneration = "hf"
     sources: list[str] = field(default_factory=list)  # data.sources (by path or hub:name) whose prompts GRPO trains on; empty: all
+    # all: every training prompt; unsolved: only those the start model's greedy answer gets wrong (not the exact reference text
+    # or tool calls), where a group's completions can differ and so teach something
+    prompts: Literal["all", "unsolved"] = "all"
 
     trl_config_class: typing.ClassVar[str] = "GRPOConfig"
 

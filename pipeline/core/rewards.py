@@ -205,3 +205,11 @@ def prompt_rows(split: Any, tokenizer: PreTrainedTokenizerBase, sources: set[int
             rows.append({"prompt": text, "reference": turn.get("content") or "", "expected_calls": json.dumps(calls),
                          "tools": row["tools"], "source": row["source"]})  # fmt: skip
     return rows
+
+
+def solved(row: dict[str, Any], completion: str) -> bool:
+    """Whether a completion is what a prompt row's reference turn is, as evaluation counts it: exactly its tool calls
+    where it calls tools, else exactly its text."""
+    if json.loads(row["expected_calls"]):
+        return tool_call([completion], [row["expected_calls"]], [row["tools"]]) == [1.0]
+    return exact_match([completion], [row["reference"]]) == [1.0]
