@@ -75,8 +75,8 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
     pairs = datasets.load_from_disk(str(data_dir / artifacts.PREFERENCE_DATA_DIR))
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
     start = training.ContinuedModel(recipe, "sft", run.work_dir, adapter=recipe.dpo.method != "full")
-    loss_types = recipe.dpo.trainer.get("loss_type", "sigmoid")
-    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    loss_types = recipe.dpo.trainer.get("loss_type", [])  # TRL's default is one loss: nothing to split
+    loss_types = [loss_types] if isinstance(loss_types, str) else loss_types
     terms = [term_loss_key(t) for t in loss_types] if len(loss_types) > 1 else []
 
     def finish(trainer, work):  # noqa: ANN001, ANN202

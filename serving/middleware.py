@@ -131,6 +131,11 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _route(scope: Scope) -> str:
+    """The request's path as the app routes it (below any root path the server is mounted at)."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -346,10 +351,9 @@ class ServingGuard:
     def _authorized(self, scope: Scope) -> bool:
         if self._key is None:
             return True
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
         preflight = scope.get("method") == "OPTIONS" and _header(scope, b"origin") is not None \
             and _header(scope, b"access-control-request-method") is not None  # fmt: skip
-        if path in OPEN_PATHS or preflight:
+        if _route(scope) in OPEN_PATHS or preflight:
             return True
         scheme, _, token = (_header(scope, b"authorization") or b"").decode("latin-1").partition(" ")
         return hmac.compare_digest(_digest(token if scheme.lower() == "bearer" else ""), self._key)
@@ -357,8 +361,7 @@ class ServingGuard:
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _Response(send)
         app_send = response.send
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if self.settings.model_metadata and scope["method"] == "GET" and path == MODELS_PATH:
+        if self.settings.model_metadata and scope["method"] == "GET" and _route(scope) == MODELS_PATH:
             app_send = _annotating_models(response.send, self.settings.model_metadata)
         # The app runs as a task of its own, so that the end of the grace period can cancel it and this request
         # still answers; a cancellation of the request itself reaches the app through the await.
