@@ -42,18 +42,22 @@ def model_artifacts(recipe: Recipe) -> dict[str, Path]:
     return {name: folder for name, folder in found.items() if artifacts.manifest_is_complete(folder)}
 
 
-def check_gates(gates: dict[str, float], results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """`MODEL.METRIC: minimum` or `A-B.METRIC: minimum difference` (perplexity: lower is better, so negated)."""
+def check_gates(gates: dict[str, float], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """`MODEL.METRIC: minimum` or `A-B.METRIC: minimum difference` (perplexity: lower is better, so negated);
+    `METRIC@SOURCE` reads the metric on one data source's held-out rows (the report's "By source" table)."""
     rows = []
     for key, threshold in gates.items():
-        subject, metric = key.split(".", 1)
+        subject, measure = key.split(".", 1)
+        metric, _, source = measure.partition("@")
         names = subject.split("-")
         sign = 1 if scoring.higher_is_better(metric) else -1
-        missing = [n for n in names if metric not in results.get(n, {})]
+        values = {n: (results.get(n, {}).get("by_source", {}).get(source, {}) if source else results.get(n, {})).get(metric) for n in names}
+        missing = [n for n, v in values.items() if v is None]
         if missing:
-            rows.append({"gate": key, "threshold": threshold, "value": None, "passed": False, "why": f"no {metric} for {', '.join(missing)}"})
+            where = f" on source {source}" if source else ""
+            rows.append({"gate": key, "threshold": threshold, "value": None, "passed": False, "why": f"no {metric}{where} for {', '.join(missing)}"})
             continue
-        value = results[names[0]][metric] - (results[names[1]][metric] if len(names) == 2 else 0.0)
+        value = values[names[0]] - (values[names[1]] if len(names) == 2 else 0.0)
         rows.append({"gate": key, "threshold": threshold, "value": value, "passed": sign * value >= sign * threshold})
     return rows
 
@@ -87,6 +91,7 @@ def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.Eng
     and the held-out data."""
     measured = {k: v for k, v in recipe.to_dict()["evaluate"].items() if k != "gates"}
     record = {"weights": artifacts.weights_identity(folder), "evaluate": measured, "backend": backend,
+              "context_length": recipe.data.max_length,
               "engine": settings.as_dict(), "attn_implementation": recipe.model.attn_implementation, "data": data_identity}  # fmt: skip
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -102,11 +107,12 @@ def _evaluate_model(
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
     sets = held.generation_sets()
     limit = recipe.evaluate.max_new_tokens
+    # The context the export is served with (export.py): an answer that would run past it is cut as the server cuts it.
+    context = recipe.data.max_length
     if backend == "hf":
-        outputs = {name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size) for name, ids in sets.items()}
+        outputs = {name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size, context) for name, ids in sets.items()}
     else:
-        longest = max(len(row) for ids in sets.values() for row in ids) + limit
-        engine = engines.VLLMEngine(model_dir, settings, longest)
+        engine = engines.VLLMEngine(model_dir, settings, context)
         try:
             outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids) for name, ids in sets.items()}
         finally:

@@ -33,6 +33,8 @@ from pipeline.core.errors import ConfigError, MissingArtifactError
 from serving import middleware
 
 MIDDLEWARE = "serving.middleware.ServingGuard"
+TOOL_PARSER_PLUGIN = "serving.tool_parser"
+WHOLE_CALL_HERMES = "pipeline_hermes"  # the parser serving/tool_parser.py registers (the name lives here: that module needs vLLM)
 CHILD_EXIT_SECONDS = 30
 
 
@@ -71,8 +73,13 @@ def vllm_arguments(
     settings = engines.engine_settings(serving["dtype"], on_gpu)
     arguments += ["--dtype", settings.dtype, *(["--enforce-eager"] if settings.enforce_eager else [])]
     if serving.get("tool_call_parser"):
-        # Calls the model writes in the template's format come back as structured `tool_calls`.
-        arguments += ["--enable-auto-tool-choice", "--tool-call-parser", serving["tool_call_parser"]]
+        # Calls the model writes in the template's format come back as structured `tool_calls`; hermes calls through
+        # the project's variant, which streams the reply a non-streaming request gets (serving/tool_parser.py).
+        parser = serving["tool_call_parser"]
+        if parser == "hermes":
+            arguments += ["--tool-parser-plugin", TOOL_PARSER_PLUGIN]
+            parser = WHOLE_CALL_HERMES
+        arguments += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     if max_tokens is not None:
         # vLLM's server-wide cap: a request without max_tokens stops there too (one with more gets the middleware's 400).
         arguments += ["--override-generation-config", json.dumps({"max_new_tokens": max_tokens})]

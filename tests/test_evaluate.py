@@ -114,6 +114,20 @@ def test_malformed_gate_key(tmp_path: Path) -> None:
         load_recipe(dpo_recipe(tmp_path), ["evaluate.gates={export.exact_match: 0.5}"])
 
 
+def test_a_gate_on_one_source_reads_that_sources_held_out_rows(tmp_path: Path) -> None:
+    results = {"sft": {"exact_match": 0.8, "by_source": {"data/tools.jsonl": {"exact_match": 0.6}}},
+               "dpo": {"exact_match": 0.9, "by_source": {"data/tools.jsonl": {"exact_match": 0.2}}}}  # fmt: skip
+    gates = evaluate.check_gates({"dpo-sft.exact_match": -0.05, "dpo-sft.exact_match@data/tools.jsonl": -0.3,
+                                  "dpo.exact_match@data/other.jsonl": 0.1}, results)  # fmt: skip
+    assert [(g["passed"], g["value"]) for g in gates[:2]] == [(True, pytest.approx(0.1)), (False, pytest.approx(-0.4))]
+    assert not gates[2]["passed"] and gates[2]["why"] == "no exact_match on source data/other.jsonl for dpo"
+    recipe = dpo_recipe(tmp_path)
+    source = load_recipe(recipe).data.sources[0].label
+    assert load_recipe(recipe, [f"evaluate.gates={{dpo-sft.exact_match@{source}: -0.1}}"]).evaluate.gates
+    with pytest.raises(ConfigError, match=r"names the source 'nowhere.jsonl', which data.sources does not have"):
+        load_recipe(recipe, ["evaluate.gates={dpo-sft.exact_match@nowhere.jsonl: -0.1}"])
+
+
 def test_shipped_metrics_are_deterministic_and_load_offline() -> None:
     from pipeline.core import scoring
 
@@ -122,3 +136,26 @@ def test_shipped_metrics_are_deterministic_and_load_offline() -> None:
     assert first == scoring.compute_metric("rouge", predictions, references)
     assert first["rouge1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
     assert scoring.compute_metric("exact_match", predictions, references) == {"exact_match": pytest.approx(1 / 3)}
+
+
+def test_hf_answers_stop_at_the_context_length_as_the_server_stops_them() -> None:
+    """A prompt close to the context length gets only the tokens left before it (engines.new_token_budget), as vLLM's
+    server with --max-model-len gives; a prompt that fills it gets no answer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from pipeline.core import engines
+
+    torch.manual_seed(0)
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))  # fmt: skip
+    model.generation_config.eos_token_id = [63]  # a token the prompts do not end on; random weights rarely pick it
+    prompts = [list(range(1, 9)), list(range(1, 29)), list(range(1, 33))]
+    free = engines.hf_generate(model, tokenizer, prompts, 8)
+    capped = engines.hf_generate(model, tokenizer, prompts, 8, context_length=32)
+    assert [engines.new_token_budget(len(p), 8, 32) for p in prompts] == [8, 4, 0]
+    assert capped[0] == free[0] and capped[2] == ""
+    assert free[1].startswith(capped[1]) and len(capped[1].split()) == min(4, len(free[1].split()))

@@ -100,3 +100,33 @@ def test_unknown_roles_raise(tokenizer, role: str) -> None:
     for messages in ([{"role": role, "content": "hi"}], [{"role": "user", "content": "hi"}, {"role": role, "content": "hi"}]):
         with pytest.raises(TemplateError, match=f"unknown role '{role}'"):
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# Generated text of every shape the tool-call reading must agree on: none, good, broken, mixed, unclosed, fragments.
+GENERATED_TEXTS = [
+    "foggy",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+    'Let me see. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}</tool_call>',
+    'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": </tool_call>',
+    '<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}',
+    'Sure.<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}</tool_call> and more',
+    'foggytool_weather", "arguments": "arguments": {"city": {"city": "Parismorning"}}</tool_call>',
+    "sunny</tool_call></",
+    '<tool_call>{"arguments": {"city": "Oslo"}}</tool_call>',
+    '<tool_call>{"name": "get_weather"}</tool_call>',
+    '<tool_call>["get_weather", {"city": "Oslo"}]</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": "Oslo"}</tool_call>',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", GENERATED_TEXTS)
+def test_the_pipeline_reads_generated_text_as_the_served_hermes_parser_does(tokenizer, text: str) -> None:
+    """Evaluation scores what a client of the server would receive: chat.served_reply against vLLM's own parser."""
+    pytest.importorskip("vllm")
+    from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+    served = Hermes2ProToolParser(tokenizer).extract_tool_calls(text, request=None)
+    calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in served.tool_calls]
+    assert ((served.content or "").strip(), calls) == chat.served_reply(text)

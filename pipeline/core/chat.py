@@ -178,7 +178,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 # ------------------------------------------------------------------------------------------- tool calls
 
-TOOL_CALL_PATTERN = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+TOOL_CALL_START = "<tool_call>"
+# vLLM's hermes parser reads a call between the markers, or from a start marker to the end of an answer that ran out
+# of tokens before its end marker.
+TOOL_CALL_PATTERN = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
 
 def tool_call_parser(chat_template: str | None) -> str | None:
@@ -187,23 +190,32 @@ def tool_call_parser(chat_template: str | None) -> str | None:
     Templates that write each call as JSON inside <tool_call>...</tool_call> (the shipped ChatML, Qwen 2.5, Hermes)
     are read by vLLM's `hermes` parser.
     """
-    if chat_template and "<tool_call>" in chat_template and "</tool_call>" in chat_template:
+    if chat_template and TOOL_CALL_START in chat_template and "</tool_call>" in chat_template:
         return "hermes"
     return None
 
 
+def _read_call(body: str) -> dict[str, Any]:
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError:
+        return {"error": f"not JSON: {body[:80]!r}"}
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+        return {"error": f"not a call of name and arguments: {body[:80]!r}"}
+    return {"name": call["name"], "arguments": call["arguments"]}
+
+
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
-    """The tool calls in generated text, read as the hermes parser reads them: each a dict with `name` and
-    `arguments` (a dict), or with `error` when the call is not valid JSON of that shape."""
-    calls = []
-    for body in TOOL_CALL_PATTERN.findall(text):
-        try:
-            call = json.loads(body)
-        except json.JSONDecodeError:
-            calls.append({"error": f"not JSON: {body[:80]!r}"})
-            continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments", {}), dict):
-            calls.append({"error": f"not a call of name and arguments: {body[:80]!r}"})
-            continue
-        calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
-    return calls
+    """The tool calls in generated text, each a dict with `name` and `arguments`, or with `error` when the call is
+    not a JSON object of that shape."""
+    return [_read_call(closed or unclosed) for closed, unclosed in TOOL_CALL_PATTERN.findall(text)]
+
+
+def served_reply(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """What a client of the server gets for generated text: (content, calls), read as vLLM's hermes parser reads it.
+    Calls come back only if every one is well formed, and then the content is the text before the first; one broken
+    call and the client gets the whole text as content, no calls. Evaluation scores tool calls this way."""
+    calls = parse_tool_calls(text)
+    if not calls or any("error" in call for call in calls):
+        return text.strip(), []
+    return text[: text.index(TOOL_CALL_START)].strip(), calls

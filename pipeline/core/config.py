@@ -377,7 +377,7 @@ class EvaluateConfig:
     max_examples: int | None = None  # evaluate on the first N held-out examples only
     gates: dict[str, float] = field(default_factory=dict)  # "dpo.exact_match": 0.6, "dpo-sft.exact_match": -0.02
 
-    def validate(self) -> None:
+    def validate(self, source_labels: tuple[str, ...] = ()) -> None:
         from pipeline.core.scoring import shipped_metrics
 
         shipped = shipped_metrics()
@@ -393,7 +393,14 @@ class EvaluateConfig:
             if not dot or not metric or len(names) > 2 or any(n not in models for n in names):
                 raise ConfigError(
                     f"evaluate.gates: '{key}' is not MODEL.METRIC (minimum) or MODEL-MODEL.METRIC (minimum difference) "
-                    f"with models among {', '.join(models)}, e.g. dpo.exact_match or dpo-sft.exact_match."
+                    f"with models among {', '.join(models)}, e.g. dpo.exact_match, dpo-sft.exact_match, or "
+                    f"dpo-sft.exact_match@data/tools.jsonl for the held-out rows of one data source."
+                )
+            source = metric.partition("@")[2]
+            if source and source not in source_labels:
+                raise ConfigError(
+                    f"evaluate.gates: '{key}' names the source '{source}', which data.sources does not have; its "
+                    f"sources are: {', '.join(source_labels)}."
                 )
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("evaluate.max_new_tokens and evaluate.batch_size must be at least 1.")
@@ -445,7 +452,7 @@ class Recipe:
         self.dpo.validate("dpo")
         self.grpo.validate("grpo", tuple(source.label for source in self.data.sources))
         check_padding_free_attention(self)
-        self.evaluate.validate()
+        self.evaluate.validate(tuple(source.label for source in self.data.sources))
         self.serve.validate()
 
     @property

@@ -3,7 +3,8 @@
 `engine_settings` is the one place that decides how a model runs when it generates: the same answer for the
 evaluation engine and for `serving.vllm_server`, so the model evaluated is the model served, in the served dtype.
 Both engines take prompts as token ids rendered by the shared chat template, decode greedily, and stop on the
-model's stop tokens, so they answer the same prompts with the same tokens.
+model's stop tokens and at the served context length (`new_token_budget`), so they answer the same prompts with
+the same tokens.
 """
 
 from __future__ import annotations
@@ -92,17 +93,37 @@ def prompt_ids(tokenizer: Any, prompts: list[list[dict]], tools: list[Any] | Non
     return [chat.render_ids(tokenizer, p, t, add_generation_prompt=True)["input_ids"] for p, t in zip(prompts, tools)]
 
 
-def hf_generate(model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations with batched HF `generate`, stopped at the model's stop tokens, special tokens kept
-    out of the text (a tool call's markers are ordinary text and stay)."""
+def new_token_budget(prompt_length: int, max_new_tokens: int, context_length: int) -> int:
+    """How many tokens may follow a prompt: `max_new_tokens`, and never past the context length, as vLLM's server
+    caps a request (prompt plus answer within --max-model-len). Every engine applies it, so an answer cut by the
+    context ends at the same token in evaluation, in HF and in serving."""
+    return max(0, min(max_new_tokens, context_length - prompt_length))
+
+
+def decode_answer(tokenizer: Any, token_ids: list[int], stop_ids: list[int]) -> str:
+    """Generated ids as text: up to the first stop token, special tokens left out (a tool call's markers are ordinary
+    text and stay)."""
+    stops = set(stop_ids)
+    end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
+    return tokenizer.decode(token_ids[:end], skip_special_tokens=True).strip()
+
+
+def hf_generate(
+    model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, batch_size: int = 64, context_length: int | None = None,
+) -> list[str]:  # fmt: skip
+    """Greedy continuations with batched HF `generate`, stopped at the model's stop tokens and at `context_length`
+    (default: the model's position limit) as `new_token_budget` says."""
     import torch
 
     model.eval()
+    context_length = context_length or model.config.max_position_embeddings
     stop_ids = model.generation_config.eos_token_id
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
     pad = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
+        budgets = [new_token_budget(len(row), max_new_tokens, context_length) for row in batch]
         width = max(len(row) for row in batch)
         # Left padding keeps every prompt's last token at the same position, where generation continues.
         input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in batch])
@@ -110,9 +131,10 @@ def hf_generate(model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad,
+                max_new_tokens=max(budgets), do_sample=False, eos_token_id=stop_ids, pad_token_id=pad,
             )  # fmt: skip
-        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, width:]]
+        # Greedy tokens do not depend on later ones: a row's answer is the batch's continuation cut at its budget.
+        answers += [decode_answer(tokenizer, row[:budget].tolist(), stop_ids) for row, budget in zip(output[:, width:], budgets)]
     return answers
 
 
@@ -124,20 +146,25 @@ class VLLMEngine:
     if the engines pick different tokens.
     """
 
-    def __init__(self, model_dir: Path, settings: EngineSettings, max_model_len: int) -> None:
+    def __init__(self, model_dir: Path, settings: EngineSettings, context_length: int) -> None:
         apply_vllm_environment(on_gpu())
         from vllm import LLM
 
+        self.context_length = context_length
         self.llm = LLM(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager,
-                       max_model_len=max_model_len, seed=0)  # fmt: skip
+                       max_model_len=context_length, seed=0)  # fmt: skip
 
     def generate(self, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids, skip_special_tokens=True)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=row) for row in ids], params, use_tqdm=False)
-        return [tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True).strip() for output in outputs]
+        budgets = [new_token_budget(len(row), max_new_tokens, self.context_length) for row in ids]
+        answerable = [(row, budget) for row, budget in zip(ids, budgets) if budget > 0]
+        params = [SamplingParams(temperature=0.0, max_tokens=budget, stop_token_ids=stop_ids, skip_special_tokens=True)
+                  for _, budget in answerable]  # fmt: skip
+        outputs = iter(self.llm.generate([TokensPrompt(prompt_token_ids=row) for row, _ in answerable], params, use_tqdm=False))
+        # A prompt that fills the context gets no answer, here as in serving (vLLM takes no max_tokens of 0).
+        return [decode_answer(tokenizer, list(next(outputs).outputs[0].token_ids), stop_ids) if budget > 0 else "" for budget in budgets]
 
     def close(self) -> None:
         del self.llm

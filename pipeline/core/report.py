@@ -93,7 +93,7 @@ def _examples(held: scoring.HeldOut, outputs: dict[str, dict[str, list[str]]]) -
         for index, item in enumerate(items):
             answer = outputs[final][name][index]
             if name == "tool_calls":
-                right = [c for c in chat.parse_tool_calls(answer) if "error" not in c] == item["reference"]
+                right = chat.served_reply(answer)[1] == item["reference"]
             else:
                 right = answer.strip() == item["reference"].strip()
             # The question, also where the conversation ends in a tool's result.

