@@ -116,13 +116,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from pipeline.core import artifacts
     from pipeline import export
+    from pipeline.core import artifacts, stages
     from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
-    export_dir = artifacts.require_stage(recipe.run_dir, "export", "benchmark", recipe)
-    onnx_root = export_dir / export.ONNX_DIR
+    export_dir = stages.require("export", recipe, "benchmark")
+    onnx_root = export_dir / artifacts.ONNX_DIR
     default_onnx = {p.name: p for p in sorted(onnx_root.iterdir())} if onnx_root.is_dir() else {}
     vocab = len(__import__("json").loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"])
     measure(f"default recipe export ({recipe.run.name})", export_dir / artifacts.MODEL_DIR, default_onnx, vocab,

@@ -290,11 +290,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.core import artifacts
+    from pipeline.core import artifacts, stages
     from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
-    tokenizer_dir = artifacts.require_stage(recipe.run_dir, "data", "benchmark", recipe) / artifacts.TOKENIZER_DIR
+    tokenizer_dir = stages.require("data", recipe, "benchmark") / artifacts.TOKENIZER_DIR
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     levels = sorted(set(args.concurrency))
     requests = {c: args.requests_per_level or max(2 * c, 4) for c in levels}

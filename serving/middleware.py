@@ -143,8 +143,8 @@ def _is_count(value: Any) -> bool:
 def _batch_size(payload: dict[str, Any]) -> int:
     """How many prompts or conversations a body carries: a list whose entries are lists or strings is a batch; a
     list of token ids (ints) or of chat messages (dicts) is one."""
-    for field in BATCH_FIELDS:
-        value = payload.get(field)
+    for name in BATCH_FIELDS:
+        value = payload.get(name)
         if isinstance(value, list) and value and all(isinstance(entry, (list, str)) for entry in value):
             return len(value)
     return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,9 +66,7 @@ def preference_rows(count: int) -> list[dict]:
     return [{"prompt": f"Is {i} even or odd?", "chosen": "odd" if i % 2 else "even", "rejected": "even" if i % 2 else "odd"} for i in range(count)]
 
 
-def run_module(module: str, *args: str, cwd: Path = REPO) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-
+def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ from pipeline import dpo, sft
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
 
-from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
-from test_sft import losses, no_pickles, prepare, wait_for
+from conftest import chat_rows, preference_rows, write_jsonl, write_recipe
+from test_sft import losses, no_pickles, prepare, signal_paused, start_paused_at
 
 
 def dpo_recipe(
@@ -116,10 +114,8 @@ def test_full_dpo_trains_every_weight_against_a_frozen_reference(tmp_path: Path)
 def test_dpo_sigterm_saves_and_a_rerun_resumes(tmp_path: Path) -> None:
     path = dpo_recipe(tmp_path, max_steps=40, save_steps=5, logging_steps=5)
     recipe = prepare_with_sft(path)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.dpo", "--config", str(path)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(recipe.run_dir / "dpo.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-10", process)
-    process.send_signal(signal.SIGTERM)
+    process = start_paused_at(10, "pipeline.dpo", "--config", str(path))
+    signal_paused(process, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == stages.STOPPED_EXIT_CODE, stderr[-3000:]
     assert not artifacts.manifest_is_complete(recipe.run_dir / "dpo")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from pipeline.core import artifacts
 from pipeline import dpo, export
 from pipeline.core.config import load_recipe
-from pipeline.core.errors import ConfigError, MissingArtifactError, PipelineError
+from pipeline.core.errors import ConfigError, MissingArtifactError
 
 from conftest import run_module
 from test_dpo import dpo_recipe, prepare_with_sft

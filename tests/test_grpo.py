@@ -21,7 +21,7 @@ from pipeline.core.errors import ConfigError, MissingArtifactError
 from conftest import REPO, chat_rows, run_module, write_jsonl, write_recipe
 from test_distributed import accelerate_launch
 from test_dpo import dpo_recipe, prepare_with_sft
-from test_sft import adapter_tensors, no_pickles, prepare, wait_for
+from test_sft import adapter_tensors, no_pickles, prepare, signal_paused, start_paused_at
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
@@ -283,10 +283,8 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 
     path = grpo_recipe(killed_dir, sft_steps=10, **settings)
     killed = prepare_with_sft(path)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.grpo", "--config", str(path)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(killed.run_dir / "grpo.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-4", process)
-    process.send_signal(signal.SIGKILL)
+    process = start_paused_at(4, "pipeline.grpo", "--config", str(path))
+    signal_paused(process, signal.SIGKILL)
     process.wait()
     assert not artifacts.manifest_is_complete(killed.run_dir / "grpo")
 

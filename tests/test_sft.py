@@ -121,11 +121,26 @@ def test_same_seed_same_curve_other_seed_other_curve(tmp_path: Path) -> None:
     assert curves[0] != curves[2]
 
 
-def run_sft_cli(recipe: Path, *extra: str) -> subprocess.Popen:
+def start_paused_at(step: int, module: str, *args: str) -> subprocess.Popen:
+    """A stage module that stops itself once checkpoint `step` is saved (tests/pause_after_save.py); `signal_paused`
+    then delivers a signal there."""
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.sft", "--config", str(recipe), *extra],
+        [sys.executable, str(REPO / "tests" / "pause_after_save.py"), str(step), "-m", module, *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def signal_paused(process: subprocess.Popen, signum: int, timeout: float = 600) -> None:
+    """Wait until the process has stopped itself, then deliver `signum` (and let it run on to handle it)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED:
+        assert process.poll() is None and time.time() < deadline, "the stage ended or never reached its checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    if signum != signal.SIGKILL:
+        process.send_signal(signal.SIGCONT)
 
 
 def wait_for(path_glob: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> Path:
@@ -161,10 +176,8 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 
     killed_recipe_path = resume_recipe(killed_dir)
     killed = prepare(killed_recipe_path)
-    process = run_sft_cli(killed_recipe_path)
-    checkpoints = killed.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR
-    wait_for(checkpoints, "checkpoint-20", process)
-    process.send_signal(signal.SIGKILL)
+    process = start_paused_at(20, "pipeline.sft", "--config", str(killed_recipe_path))
+    signal_paused(process, signal.SIGKILL)
     process.wait()
     assert not artifacts.manifest_is_complete(killed.run_dir / "sft")
 
@@ -185,9 +198,8 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_refuses_drift(tmp_path: Path) -> None:
     recipe_path = resume_recipe(tmp_path)
     recipe = prepare(recipe_path)
-    process = run_sft_cli(recipe_path)
-    wait_for(recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-10", process)
-    process.send_signal(signal.SIGTERM)
+    process = start_paused_at(10, "pipeline.sft", "--config", str(recipe_path))
+    signal_paused(process, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == stages.STOPPED_EXIT_CODE, stderr[-3000:]
     assert "stopped by SIGTERM" in stdout
