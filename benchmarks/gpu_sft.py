@@ -40,31 +40,84 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-         "max_position_embeddings": 32768, "attention_dropout": 0.0}  # fmt: skip
+QWEN2 = {
+    "model_type": "qwen2",
+    "hidden_act": "silu",
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 32768,
+    "attention_dropout": 0.0,
+}
 SETTINGS = {
     "gpu": {
         "sizes": {
-            "0.5b": {**QWEN2, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                     "num_key_value_heads": 2, "vocab_size": 151936},
-            "1.5b": {**QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-                     "num_key_value_heads": 2, "vocab_size": 151936},
-        },  # fmt: skip
-        "tokenizer_vocab": 8192, "rows": 600, "answer_tokens": (64, 1950), "max_length": 2048, "per_device": 8,
-        "warmup_steps": 5, "measured_steps": 15, "memory_per_device": 2, "memory_steps": 3, "matmul": 8192,
-        "dtype": "bfloat16", "budget_s": 330,
+            "0.5b": {
+                **QWEN2,
+                "hidden_size": 896,
+                "intermediate_size": 4864,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "vocab_size": 151936,
+            },
+            "1.5b": {
+                **QWEN2,
+                "hidden_size": 1536,
+                "intermediate_size": 8960,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 12,
+                "num_key_value_heads": 2,
+                "vocab_size": 151936,
+            },
+        },
+        "tokenizer_vocab": 8192,
+        "rows": 600,
+        "answer_tokens": (64, 1950),
+        "max_length": 2048,
+        "per_device": 8,
+        "warmup_steps": 5,
+        "measured_steps": 15,
+        "memory_per_device": 2,
+        "memory_steps": 3,
+        "matmul": 8192,
+        "dtype": "bfloat16",
+        "budget_s": 330,
         "timeouts": {"peak": 60, "prepare": 120, "run": 120, "memory": 150},
     },
     "tiny": {
         "sizes": {
-            "0.5b": {**QWEN2, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "vocab_size": 1024},
-            "1.5b": {**QWEN2, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "vocab_size": 1024},
-        },  # fmt: skip
-        "tokenizer_vocab": 512, "rows": 160, "answer_tokens": (8, 220), "max_length": 256, "per_device": 2,
-        "warmup_steps": 2, "measured_steps": 3, "memory_per_device": 2, "memory_steps": 2, "matmul": 512,
-        "dtype": "float32", "budget_s": 1500,
+            "0.5b": {
+                **QWEN2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 1024,
+            },
+            "1.5b": {
+                **QWEN2,
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 1024,
+            },
+        },
+        "tokenizer_vocab": 512,
+        "rows": 160,
+        "answer_tokens": (8, 220),
+        "max_length": 256,
+        "per_device": 2,
+        "warmup_steps": 2,
+        "measured_steps": 3,
+        "memory_per_device": 2,
+        "memory_steps": 2,
+        "matmul": 512,
+        "dtype": "float32",
+        "budget_s": 1500,
         "timeouts": {"peak": 120, "prepare": 400, "run": 300, "memory": 600},
     },
 }
@@ -93,8 +146,12 @@ def step_peak(spec: dict) -> dict:
             a @ b
         sync()
         best = min(best, (time.perf_counter() - start) / repeats)
-    return {"matmul_n": n, "bf16_peak_tflops": 2 * n**3 / best / 1e12,
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}  # fmt: skip
+    return {
+        "matmul_n": n,
+        "bf16_peak_tflops": 2 * n**3 / best / 1e12,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
 
 
 def _synthetic_rows(spec: dict, tokens_per_word: float) -> list[dict]:
@@ -104,10 +161,14 @@ def _synthetic_rows(spec: dict, tokens_per_word: float) -> list[dict]:
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
     low, high = (round(n / tokens_per_word) for n in spec["answer_tokens"])
     return [
-        {"messages": [{"role": "user", "content": f"Write passage {i} about {' '.join(rng.choices(words, k=6))}."},
-                      {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(low, high)))}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Write passage {i} about {' '.join(rng.choices(words, k=6))}."},
+                {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(low, high)))},
+            ]
+        }
         for i in range(spec["rows"])
-    ]  # fmt: skip
+    ]
 
 
 def _recipe(spec: dict, workdir: Path, size: str) -> Path:
@@ -115,20 +176,38 @@ def _recipe(spec: dict, workdir: Path, size: str) -> Path:
     import yaml
 
     trainer = {
-        "method": "full", "global_batch_size": spec["per_device"], "per_device_train_batch_size": spec["per_device"],
-        "lora": LORA, "quantization": {"bnb_4bit_compute_dtype": "bfloat16"}, "packing": True,
-        "pad_to_multiple_of": spec["per_device"] * spec["max_length"], "gradient_checkpointing": False,
-        "max_steps": spec["warmup_steps"] + spec["measured_steps"], "learning_rate": 1.0e-5, "logging_steps": 5,
-        "save_steps": 100000, "eval_strategy": "no",
-    }  # fmt: skip
+        "method": "full",
+        "global_batch_size": spec["per_device"],
+        "per_device_train_batch_size": spec["per_device"],
+        "lora": LORA,
+        "quantization": {"bnb_4bit_compute_dtype": "bfloat16"},
+        "packing": True,
+        "pad_to_multiple_of": spec["per_device"] * spec["max_length"],
+        "gradient_checkpointing": False,
+        "max_steps": spec["warmup_steps"] + spec["measured_steps"],
+        "learning_rate": 1.0e-5,
+        "logging_steps": 5,
+        "save_steps": 100000,
+        "eval_strategy": "no",
+    }
     recipe = {
         "run": {"name": size, "seed": 0, "output_dir": str(workdir / "runs")},
-        "data": {"sources": [{"path": str(workdir / "rows.jsonl")}], "eval_fraction": 0.02, "max_length": spec["max_length"],
-                 "min_keep_fraction": 0.5, "dedupe": False, "num_proc": min(8, os.cpu_count() or 1)},
-        "model": {"name_or_path": str(workdir / "models" / size), "chat_template": "chatml", "dtype": spec["dtype"],
-                  "attn_implementation": spec["attention"]},
+        "data": {
+            "sources": [{"path": str(workdir / "rows.jsonl")}],
+            "eval_fraction": 0.02,
+            "max_length": spec["max_length"],
+            "min_keep_fraction": 0.5,
+            "dedupe": False,
+            "num_proc": min(8, os.cpu_count() or 1),
+        },
+        "model": {
+            "name_or_path": str(workdir / "models" / size),
+            "chat_template": "chatml",
+            "dtype": spec["dtype"],
+            "attn_implementation": spec["attention"],
+        },
         "sft": trainer,
-    }  # fmt: skip
+    }
     path = workdir / f"recipe-{size}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -154,8 +233,13 @@ def step_prepare(spec: dict, workdir: Path) -> dict:
     out: dict[str, Any] = {"tokenizer_vocab": len(tokenizer), "tokens_per_word": round(tokens_per_word, 2), "sizes": {}}
     for size, fields in spec["sizes"].items():
         fields = dict(fields)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None)  # fmt: skip
+        config = AutoConfig.for_model(
+            fields.pop("model_type"),
+            **fields,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
@@ -194,8 +278,12 @@ def _step_clock(warmup: int) -> Any:
 
         def result(self) -> dict:
             (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-            return {"measured_steps": len(self.marks) - 1, "tokens": n1 - n0, "seconds": t1 - t0,
-                    "tokens_per_second": (n1 - n0) / (t1 - t0)}  # fmt: skip
+            return {
+                "measured_steps": len(self.marks) - 1,
+                "tokens": n1 - n0,
+                "seconds": t1 - t0,
+                "tokens_per_second": (n1 - n0) / (t1 - t0),
+            }
 
     return StepClock()
 
@@ -229,8 +317,12 @@ def step_pipeline(spec: dict, workdir: Path, size: str, overrides: list[str]) ->
     recipe = load_recipe(workdir / f"recipe-{size}.yaml", overrides)
     sft.run(recipe, force=True)
     metrics = artifacts.read_manifest(recipe.run_dir / "sft")["metrics"]
-    return {**clock.result(), "peak_memory_gb": max(metrics["peak_memory_mb_per_process"]) / 1024,
-            "final_loss": metrics["final_loss"], "trainable_parameters": metrics["trainable_parameters"]}  # fmt: skip
+    return {
+        **clock.result(),
+        "peak_memory_gb": max(metrics["peak_memory_mb_per_process"]) / 1024,
+        "final_loss": metrics["final_loss"],
+        "trainable_parameters": metrics["trainable_parameters"],
+    }
 
 
 def step_bare(spec: dict, workdir: Path, size: str, method: str) -> dict:
@@ -246,29 +338,53 @@ def step_bare(spec: dict, workdir: Path, size: str, method: str) -> dict:
     dtype = getattr(torch, spec["dtype"])
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": spec["attention"]}
     if method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = AutoModelForCausalLM.from_pretrained(str(workdir / "models" / size), **kwargs)
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "data" / "tokenizer"))
-    train = datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"].select_columns(["messages", "input_ids", "assistant_masks"])
+    train = datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"].select_columns(
+        ["messages", "input_ids", "assistant_masks"]
+    )
     args = SFTConfig(
-        output_dir=str(workdir / "bare"), seed=0, per_device_train_batch_size=spec["per_device"], gradient_accumulation_steps=1,
-        max_steps=spec["warmup_steps"] + spec["measured_steps"], learning_rate=1.0e-5, packing=True,
-        pad_to_multiple_of=spec["per_device"] * spec["max_length"], max_length=spec["max_length"], assistant_only_loss=True,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, logging_steps=5, save_strategy="no", report_to="none",
+        output_dir=str(workdir / "bare"),
+        seed=0,
+        per_device_train_batch_size=spec["per_device"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["warmup_steps"] + spec["measured_steps"],
+        learning_rate=1.0e-5,
+        packing=True,
+        pad_to_multiple_of=spec["per_device"] * spec["max_length"],
+        max_length=spec["max_length"],
+        assistant_only_loss=True,
+        gradient_checkpointing=False,
+        bf16=cuda,
+        use_cpu=not cuda,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
         include_num_input_tokens_seen="non_padding",
-    )  # fmt: skip
+    )
     peft_config = None if method == "full" else LoraConfig(**LORA, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
+    )
     clock = _step_clock(spec["warmup_steps"])
     trainer.add_callback(clock)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {**clock.result(), "peak_memory_gb": _peak_memory_gb(), "final_loss": losses[-1] if losses else None,
-            "trainable_parameters": trainable}  # fmt: skip
+    return {
+        **clock.result(),
+        "peak_memory_gb": _peak_memory_gb(),
+        "final_loss": losses[-1] if losses else None,
+        "trainable_parameters": trainable,
+    }
 
 
 def step_memory(spec: dict, workdir: Path) -> dict:
@@ -285,10 +401,16 @@ def step_memory(spec: dict, workdir: Path) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            overrides = [f"sft.method={method}", "sft.gradient_checkpointing=true", "sft.packing=false",
-                         "sft.pad_to_multiple_of=null", "model.attn_implementation=sdpa",
-                         f"sft.global_batch_size={spec['memory_per_device']}", f"sft.per_device_train_batch_size={spec['memory_per_device']}",
-                         f"sft.max_steps={spec['memory_steps']}"]  # fmt: skip
+            overrides = [
+                f"sft.method={method}",
+                "sft.gradient_checkpointing=true",
+                "sft.packing=false",
+                "sft.pad_to_multiple_of=null",
+                "model.attn_implementation=sdpa",
+                f"sft.global_batch_size={spec['memory_per_device']}",
+                f"sft.per_device_train_batch_size={spec['memory_per_device']}",
+                f"sft.max_steps={spec['memory_steps']}",
+            ]
             memory_spec = {**spec, "warmup_steps": 0}
             result = step_pipeline(memory_spec, workdir, size, overrides)
             out[f"{size}-{method}"] = {"peak_memory_gb": result["peak_memory_gb"], "final_loss": result["final_loss"]}
@@ -316,7 +438,7 @@ def flops_per_token(fields: dict, method: str, row_lengths: list[int], trainable
 
 def crossover(memory: dict, sizes: dict) -> dict:
     """Where QLoRA's peak memory falls below LoRA's: the saving (LoRA - QLoRA) as a straight line in parameters."""
-    (small, big) = list(sizes)
+    small, big = list(sizes)
     n1, n2 = sizes[small]["parameters"], sizes[big]["parameters"]
     d1 = memory[f"{small}-lora"]["peak_memory_gb"] - memory[f"{small}-qlora"]["peak_memory_gb"]
     d2 = memory[f"{big}-lora"]["peak_memory_gb"] - memory[f"{big}-qlora"]["peak_memory_gb"]
@@ -333,7 +455,10 @@ def plan(spec: dict) -> list[tuple[str, str, list[str]]]:
     """(name, timeout key, step arguments): pipeline and bare alternate which goes first from method to method."""
     steps = [("peak", "peak", ["peak"]), ("prepare", "prepare", ["prepare"])]
     for index, method in enumerate(METHODS):
-        pair = [(f"{method}-pipeline", "run", ["pipeline", "0.5b", method]), (f"{method}-bare", "run", ["bare", "0.5b", method])]
+        pair = [
+            (f"{method}-pipeline", "run", ["pipeline", "0.5b", method]),
+            (f"{method}-bare", "run", ["bare", "0.5b", method]),
+        ]
         steps += pair if index % 2 == 0 else pair[::-1]
     steps.append(("memory", "memory", ["memory"]))
     # The padded baseline: sdpa's fused kernels on rows padded to the longest of each micro-batch, no packing.
@@ -342,15 +467,23 @@ def plan(spec: dict) -> list[tuple[str, str, list[str]]]:
 
 
 def run_step(spec: dict, workdir: Path, args: list[str], timeout: float) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--step", json.dumps({"spec": spec, "workdir": str(workdir), "args": args})]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--step",
+        json.dumps({"spec": spec, "workdir": str(workdir), "args": args}),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:
         tail = (expired.stderr or b"")[-2000:]
-        return {"status": "timeout", "seconds": round(time.time() - started, 1),
-                "error": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}  # fmt: skip
+        return {
+            "status": "timeout",
+            "seconds": round(time.time() - started, 1),
+            "error": tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        }
     seconds = round(time.time() - started, 1)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode or line is None:
@@ -371,20 +504,31 @@ def summarise(spec: dict, steps: dict) -> dict:
         if "tokens_per_second" not in result:
             continue
         method = name.split("-")[0]
-        row = {"tokens_per_second": result["tokens_per_second"], "peak_memory_gb": result["peak_memory_gb"],
-               "final_loss": result["final_loss"]}  # fmt: skip
+        row = {
+            "tokens_per_second": result["tokens_per_second"],
+            "peak_memory_gb": result["peak_memory_gb"],
+            "final_loss": result["final_loss"],
+        }
         if peak and lengths:
             flops = flops_per_token(spec["sizes"]["0.5b"], method, lengths, result["trainable_parameters"])
             row["mfu"] = result["tokens_per_second"] * flops / (peak * 1e12)
         summary["runs"][name] = row
     runs = summary["runs"]
     if "full-pipeline" in runs and "mfu" in runs["full-pipeline"]:
-        summary["goals"]["full_mfu"] = {"value": runs["full-pipeline"]["mfu"], "goal": GOAL_MFU, "met": runs["full-pipeline"]["mfu"] >= GOAL_MFU}
+        summary["goals"]["full_mfu"] = {
+            "value": runs["full-pipeline"]["mfu"],
+            "goal": GOAL_MFU,
+            "met": runs["full-pipeline"]["mfu"] >= GOAL_MFU,
+        }
     for method in METHODS:
         p, b = runs.get(f"{method}-pipeline"), runs.get(f"{method}-bare")
         if p and b:
             ratio = p["tokens_per_second"] / b["tokens_per_second"]
-            summary["goals"][f"{method}_pipeline_over_bare"] = {"value": ratio, "goal": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
+            summary["goals"][f"{method}_pipeline_over_bare"] = {
+                "value": ratio,
+                "goal": GOAL_RATIO,
+                "met": ratio >= GOAL_RATIO,
+            }
     if "memory" in ok and prepared:
         memory = ok["memory"]
         summary["memory"] = memory
@@ -393,7 +537,11 @@ def summarise(spec: dict, steps: dict) -> dict:
         big = list(spec["sizes"])[-1]
         # "Clearly below": QLoRA saves at least a tenth of LoRA's peak at the larger size.
         saved = cross["saving_gb"][big] >= 0.1 * memory[f"{big}-lora"]["peak_memory_gb"]
-        summary["goals"]["qlora_below_lora_at_" + big] = {"value": cross["saving_gb"][big], "goal": "saving >= 10% of LoRA's peak", "met": saved}
+        summary["goals"]["qlora_below_lora_at_" + big] = {
+            "value": cross["saving_gb"][big],
+            "goal": "saving >= 10% of LoRA's peak",
+            "met": saved,
+        }
     return summary
 
 
@@ -407,30 +555,46 @@ def write(out: dict) -> None:
 def report(out: dict) -> None:
     spec, summary = out["spec"], out["summary"]
     peak = out["steps"].get("peak", {}).get("result", {})
-    print(f"\nGPU SFT benchmark on {peak.get('device', '?')} (torch {peak.get('torch', '?')}), {'TINY' if out['tiny'] else 'full'} sizes, "
-          f"attention {spec['attention']}, micro-batch {spec['per_device']} x {spec['max_length']} tokens packed")  # fmt: skip
+    print(
+        f"\nGPU SFT benchmark on {peak.get('device', '?')} (torch {peak.get('torch', '?')}),"
+        f" {'TINY' if out['tiny'] else 'full'} sizes, attention {spec['attention']}, micro-batch {spec['per_device']} x"
+        f" {spec['max_length']} tokens packed"
+    )
     if peak:
         print(f"  bf16 matmul peak ({peak['matmul_n']}^3): {peak['bf16_peak_tflops']:.4g} TFLOP/s")
     for name, step in out["steps"].items():
         if step["status"] != "ok":
-            print(f"  {name}: {step['status'].upper()} after {step['seconds']} s: {step.get('error', '')[-400:].strip()}")
+            print(
+                f"  {name}: {step['status'].upper()} after {step['seconds']} s: {step.get('error', '')[-400:].strip()}"
+            )
     print(f"  {'run':28} {'tokens/s':>11} {'MFU':>7} {'peak GB':>8} {'loss':>7}")
     for name, row in summary["runs"].items():
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
-        print(f"  {name:28} {row['tokens_per_second']:>11,.0f} {mfu:>7} {row['peak_memory_gb']:>8.2f} {row['final_loss'] or 0:>7.3f}")
+        print(
+            f"  {name:28} {row['tokens_per_second']:>11,.0f} {mfu:>7} {row['peak_memory_gb']:>8.2f}"
+            f" {row['final_loss'] or 0:>7.3f}"
+        )
     for name, row in summary.get("memory", {}).items():
-        print(f"  memory {name:21} peak {row['peak_memory_gb']:.2f} GB (gradient checkpointing, {spec['memory_per_device']} padded rows)")
+        print(
+            f"  memory {name:21} peak {row['peak_memory_gb']:.2f} GB (gradient checkpointing,"
+            f" {spec['memory_per_device']} padded rows)"
+        )
     cross = summary.get("memory_crossover", {})
     if "crossover_parameters" in cross:
-        print(f"  QLoRA saves {', '.join(f'{v:.2f} GB at {k}' for k, v in cross['saving_gb'].items())}: it falls below LoRA "
-              f"from about {cross['crossover_parameters'] / 1e6:,.1f}M parameters (straight line through the two sizes)")  # fmt: skip
+        print(
+            f"  QLoRA saves {', '.join(f'{v:.2f} GB at {k}' for k, v in cross['saving_gb'].items())}: it falls below"
+            f" LoRA from about {cross['crossover_parameters'] / 1e6:,.1f}M parameters (straight line through the two"
+            " sizes)"
+        )
     for name, goal in summary["goals"].items():
         value = f"{goal['value']:.1%}" if name == "full_mfu" else f"{goal['value']:.3f}"
         print(f"  goal {name}: {value} (goal {goal['goal']}): {'MET' if goal['met'] else 'MISSED'}")
     print(f"  {out['total_seconds']:.0f} s for every step together")
     if out["tiny"]:
-        print("  (--tiny: CPU and tiny sizes check the benchmark's logic; its figures say nothing about a GPU, and on the "
-              "CPU peak memory is the process's resident high-water mark)")  # fmt: skip
+        print(
+            "  (--tiny: CPU and tiny sizes check the benchmark's logic; its figures say nothing about a GPU, and on the"
+            " CPU peak memory is the process's resident high-water mark)"
+        )
 
 
 def main() -> None:
@@ -477,7 +641,11 @@ def main() -> None:
         left = budget - (time.time() - started)
         needs_prepare = name not in ("peak", "prepare") and out["steps"].get("prepare", {}).get("status") != "ok"
         if left < 30 or needs_prepare:
-            out["steps"][name] = {"status": "skipped", "seconds": 0, "error": "no prepared models" if needs_prepare else "over the time budget"}
+            out["steps"][name] = {
+                "status": "skipped",
+                "seconds": 0,
+                "error": "no prepared models" if needs_prepare else "over the time budget",
+            }
         else:
             print(f"{name} (timeout {min(spec['timeouts'][timeout_key], left):.0f} s) ...", flush=True)
             out["steps"][name] = run_step(spec, workdir, step_args, min(spec["timeouts"][timeout_key], left))

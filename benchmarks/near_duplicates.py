@@ -66,7 +66,10 @@ HISTORY = (
     "the Industrial Revolution|the Olympic Games|jazz|the bicycle|aviation|the telephone|the Renaissance|"
     "the Ming dynasty|the Aztec Empire|chess|the Great Wall of China|antibiotics|photography|the Vikings"
 ).split("|")
-PEOPLE = "my manager|a client|my landlord|the school principal|a new colleague|my team|a supplier|the city council|a professor|my neighbour".split("|")
+PEOPLE = (
+    "my manager|a client|my landlord|the school principal|a new colleague|my team|a supplier|the city council|a"
+    " professor|my neighbour".split("|")
+)
 SUBJECTS = (
     "a delayed delivery|next week's meeting|a refund request|a job offer|the quarterly report|a broken heater|"
     "a project deadline|a conference invitation|a price increase|a schedule change|a missing invoice|"
@@ -79,7 +82,9 @@ CODE_TASKS = (
     "array|validates an e-mail address|flattens a nested list|converts Celsius to Fahrenheit|sorts a dictionary by "
     "value|sends an HTTP request|computes a moving average"
 ).split("|")
-DISHES = "lasagna|pancakes|tomato soup|fried rice|banana bread|guacamole|chicken curry|falafel|ramen|apple pie|risotto|chili".split("|")
+DISHES = (
+    "lasagna|pancakes|tomato soup|fried rice|banana bread|guacamole|chicken curry|falafel|ramen|apple pie|risotto|chili"
+).split("|")
 DIETS = "| without eggs| that is vegan| for four people| in under 30 minutes| that is gluten-free".split("|")
 CITIES = "Paris|Tokyo|Lisbon|Nairobi|Lima|Oslo|Cairo|Hanoi|Rome|Vienna|Seoul|Havana|Dublin|Reykjavik|Prague".split("|")
 EXTRAS = (
@@ -89,47 +94,141 @@ EXTRAS = (
 
 # family: (wordings, slot maker). Wordings of one family ask the same thing: they make the labelled paraphrases.
 FAMILIES = {
-    "capital": (["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital city of {c}.",
-                 "Tell me the capital of {c}."], lambda r: {"c": r.choice(COUNTRIES)}),
-    "currency": (["What currency is used in {c}?", "Which currency does {c} use?", "What is the official currency of {c}?"],
-                 lambda r: {"c": r.choice(COUNTRIES)}),
-    "language": (["What language is spoken in {c}?", "Which languages do people speak in {c}?", "What is the main language of {c}?"],
-                 lambda r: {"c": r.choice(COUNTRIES)}),
-    "antonym": (["What is the opposite of {w}?", "Give the antonym of {w}.", "Name a word that means the opposite of {w}.",
-                 "Which word is the antonym of {w}?"], lambda r: {"w": r.choice(WORDS)}),
-    "synonym": (["Give a synonym for {w}.", "What is another word for {w}?", "Name a word that means the same as {w}."],
-                lambda r: {"w": r.choice(WORDS)}),
-    "translate": (["Translate the word '{n}' into {l}.", "How do you say '{n}' in {l}?", "What is the {l} word for '{n}'?",
-                   "Give the {l} translation of '{n}'."], lambda r: {"n": r.choice(NOUNS), "l": r.choice(LANGUAGES)}),
-    "sentence": (["Use the word '{n}' in a sentence.", "Write a sentence that contains the word '{n}'.",
-                  "Give an example sentence with '{n}'."], lambda r: {"n": r.choice(NOUNS)}),
-    "add": (["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do you get when you add {a} to {b}?"],
-            lambda r: {"a": r.randint(2, 999), "b": r.randint(2, 999)}),
-    "multiply": (["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.", "What is the product of {a} and {b}?"],
-                 lambda r: {"a": r.randint(2, 99), "b": r.randint(2, 99)}),
-    "compare": (["Is {a} bigger than {b}?", "Is {a} greater than {b}?", "Is {a} larger than {b}?", "Does {a} exceed {b}?"],
-                lambda r: {"a": r.randint(0, 9999), "b": r.randint(0, 9999)}),
-    "creative": (["Write a {f} about {t}.", "Compose a {f} on {t}.", "Can you write a {f} about {t}?", "I'd like a {f} about {t}."],
-                 lambda r: {"f": r.choice(FORMS), "t": r.choice(TOPICS)}),
-    "explain": (["Explain how {x} works{a}.", "How does {x} work? Explain it{a}.", "Describe the way {x} works{a}.",
-                 "Give an explanation of how {x} works{a}."],
-                lambda r: {"x": r.choice(CONCEPTS), "a": (" " + r.choice(AUDIENCES)).rstrip()}),
-    "history": (["Summarize the history of {h}.", "Give me a summary of the history of {h}.", "Briefly describe the history of {h}.",
-                 "What is the history of {h}, in short?"], lambda r: {"h": r.choice(HISTORY)}),
-    "email": (["Write an e-mail to {p} about {s}.", "Draft an e-mail for {p} regarding {s}.", "Help me write an e-mail to {p} about {s}.",
-               "Compose a message to {p} concerning {s}."], lambda r: {"p": r.choice(PEOPLE), "s": r.choice(SUBJECTS)}),
-    "code": (["Write a {g} function that {k}.", "Show me {g} code that {k}.", "How do I write a function in {g} that {k}?"],
-             lambda r: {"g": r.choice(CODE_LANGUAGES), "k": r.choice(CODE_TASKS)}),
-    "recipe": (["Give me a recipe for {d}{v}.", "How do I make {d}{v}?", "What's a good recipe for {d}{v}?",
-                "Tell me how to cook {d}{v}."], lambda r: {"d": r.choice(DISHES), "v": r.choice(DIETS)}),
-    "trip": (["Plan a {n}-day trip to {y}.", "Make an itinerary for {n} days in {y}.", "What should I do during {n} days in {y}?",
-              "Suggest a {n}-day travel plan for {y}."], lambda r: {"n": r.randint(1, 14), "y": r.choice(CITIES)}),
-    "difference": (["What is the difference between {x} and {z}?", "How do {x} and {z} differ?", "Compare {x} and {z}."],
-                   lambda r: dict(zip("xz", r.sample(CONCEPTS, 2)))),
-}  # fmt: skip
+    "capital": (
+        [
+            "What is the capital of {c}?",
+            "Which city is the capital of {c}?",
+            "Name the capital city of {c}.",
+            "Tell me the capital of {c}.",
+        ],
+        lambda r: {"c": r.choice(COUNTRIES)},
+    ),
+    "currency": (
+        ["What currency is used in {c}?", "Which currency does {c} use?", "What is the official currency of {c}?"],
+        lambda r: {"c": r.choice(COUNTRIES)},
+    ),
+    "language": (
+        [
+            "What language is spoken in {c}?",
+            "Which languages do people speak in {c}?",
+            "What is the main language of {c}?",
+        ],
+        lambda r: {"c": r.choice(COUNTRIES)},
+    ),
+    "antonym": (
+        [
+            "What is the opposite of {w}?",
+            "Give the antonym of {w}.",
+            "Name a word that means the opposite of {w}.",
+            "Which word is the antonym of {w}?",
+        ],
+        lambda r: {"w": r.choice(WORDS)},
+    ),
+    "synonym": (
+        ["Give a synonym for {w}.", "What is another word for {w}?", "Name a word that means the same as {w}."],
+        lambda r: {"w": r.choice(WORDS)},
+    ),
+    "translate": (
+        [
+            "Translate the word '{n}' into {l}.",
+            "How do you say '{n}' in {l}?",
+            "What is the {l} word for '{n}'?",
+            "Give the {l} translation of '{n}'.",
+        ],
+        lambda r: {"n": r.choice(NOUNS), "l": r.choice(LANGUAGES)},
+    ),
+    "sentence": (
+        [
+            "Use the word '{n}' in a sentence.",
+            "Write a sentence that contains the word '{n}'.",
+            "Give an example sentence with '{n}'.",
+        ],
+        lambda r: {"n": r.choice(NOUNS)},
+    ),
+    "add": (
+        ["What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do you get when you add {a} to {b}?"],
+        lambda r: {"a": r.randint(2, 999), "b": r.randint(2, 999)},
+    ),
+    "multiply": (
+        ["What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.", "What is the product of {a} and {b}?"],
+        lambda r: {"a": r.randint(2, 99), "b": r.randint(2, 99)},
+    ),
+    "compare": (
+        ["Is {a} bigger than {b}?", "Is {a} greater than {b}?", "Is {a} larger than {b}?", "Does {a} exceed {b}?"],
+        lambda r: {"a": r.randint(0, 9999), "b": r.randint(0, 9999)},
+    ),
+    "creative": (
+        [
+            "Write a {f} about {t}.",
+            "Compose a {f} on {t}.",
+            "Can you write a {f} about {t}?",
+            "I'd like a {f} about {t}.",
+        ],
+        lambda r: {"f": r.choice(FORMS), "t": r.choice(TOPICS)},
+    ),
+    "explain": (
+        [
+            "Explain how {x} works{a}.",
+            "How does {x} work? Explain it{a}.",
+            "Describe the way {x} works{a}.",
+            "Give an explanation of how {x} works{a}.",
+        ],
+        lambda r: {"x": r.choice(CONCEPTS), "a": (" " + r.choice(AUDIENCES)).rstrip()},
+    ),
+    "history": (
+        [
+            "Summarize the history of {h}.",
+            "Give me a summary of the history of {h}.",
+            "Briefly describe the history of {h}.",
+            "What is the history of {h}, in short?",
+        ],
+        lambda r: {"h": r.choice(HISTORY)},
+    ),
+    "email": (
+        [
+            "Write an e-mail to {p} about {s}.",
+            "Draft an e-mail for {p} regarding {s}.",
+            "Help me write an e-mail to {p} about {s}.",
+            "Compose a message to {p} concerning {s}.",
+        ],
+        lambda r: {"p": r.choice(PEOPLE), "s": r.choice(SUBJECTS)},
+    ),
+    "code": (
+        ["Write a {g} function that {k}.", "Show me {g} code that {k}.", "How do I write a function in {g} that {k}?"],
+        lambda r: {"g": r.choice(CODE_LANGUAGES), "k": r.choice(CODE_TASKS)},
+    ),
+    "recipe": (
+        [
+            "Give me a recipe for {d}{v}.",
+            "How do I make {d}{v}?",
+            "What's a good recipe for {d}{v}?",
+            "Tell me how to cook {d}{v}.",
+        ],
+        lambda r: {"d": r.choice(DISHES), "v": r.choice(DIETS)},
+    ),
+    "trip": (
+        [
+            "Plan a {n}-day trip to {y}.",
+            "Make an itinerary for {n} days in {y}.",
+            "What should I do during {n} days in {y}?",
+            "Suggest a {n}-day travel plan for {y}.",
+        ],
+        lambda r: {"n": r.randint(1, 14), "y": r.choice(CITIES)},
+    ),
+    "difference": (
+        ["What is the difference between {x} and {z}?", "How do {x} and {z} differ?", "Compare {x} and {z}."],
+        lambda r: dict(zip("xz", r.sample(CONCEPTS, 2))),
+    ),
+}
 # Families that ask another thing about the same slot values: pairs of distinct requests about the same subject.
-SAME_SUBJECT = (("capital", "currency"), ("capital", "language"), ("currency", "language"), ("antonym", "synonym"),
-                ("add", "multiply"), ("translate", "sentence"))  # fmt: skip
+SAME_SUBJECT = (
+    ("capital", "currency"),
+    ("capital", "language"),
+    ("currency", "language"),
+    ("antonym", "synonym"),
+    ("add", "multiply"),
+    ("translate", "sentence"),
+)
 QUALIFIERS = {"a", "v"}
 NUMBER_FAMILIES = ("add", "multiply", "compare", "trip")
 WORD_FAMILIES = tuple(f for f in FAMILIES if f not in NUMBER_FAMILIES)
@@ -198,11 +297,16 @@ def precision_table(pairs: list[tuple[str, str, str]], threshold: float) -> list
     for value in sorted({0.8, 0.85, 0.88, 0.9, 0.92, 0.95, 0.97, threshold}):
         flagged = scores >= value
         precision = (flagged & positive).sum() / max(1, flagged.sum())
-        lines.append(f"{value:9.2f}  {flagged.sum():7d}  {precision:9.3f}  {(flagged & positive).sum() / positive.sum():6.3f}")
+        lines.append(
+            f"{value:9.2f}  {flagged.sum():7d}  {precision:9.3f}  {(flagged & positive).sum() / positive.sum():6.3f}"
+        )
     lines.append(f"share flagged at {threshold} by kind of pair:")
     for kind in dict.fromkeys(k for k, _, _ in pairs):
         chosen = np.array([k == kind for k, _, _ in pairs])
-        lines.append(f"  {kind:14s} {(scores[chosen] >= threshold).mean():.2f}  (similarity median {np.median(scores[chosen]):.3f})")
+        lines.append(
+            f"  {kind:14s} {(scores[chosen] >= threshold).mean():.2f}  (similarity median"
+            f" {np.median(scores[chosen]):.3f})"
+        )
     wrong = [(s, k, a, b) for s, (k, a, b) in zip(scores, pairs) if (s >= threshold) != (k == "paraphrase")]
     lines.append("misjudged at the threshold:")
     lines += [f"  {s:.3f} {k}: {a!r} ~ {b!r}" for s, k, a, b in sorted(wrong, reverse=True)]
@@ -235,13 +339,20 @@ def speed(rows: int, threshold: float, seed: int) -> list[str]:
     (cross, _), cross_s, cross_cpu = _timed(lambda: near_duplicates.nearest(vectors[held], vectors[~held]))
     words = np.mean([len(p.split()) for p in prompts])
     return [
-        f"{len(prompts)} distinct prompts, {words:.1f} words on average; {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}, load average {load:.1f} before and {os.getloadavg()[0]:.1f} after",
+        (
+            f"{len(prompts)} distinct prompts, {words:.1f} words on average; {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}, load average {load:.1f} before and {os.getloadavg()[0]:.1f} after"
+        ),
         f"embedding: {len(prompts) / embed_s:,.0f} rows/s ({embed_s:.1f} s wall, {embed_cpu:.1f} CPU-s)",
-        f"within_train search: {len(prompts) / within_s:,.0f} rows/s ({within_s:.1f} s wall, {within_cpu:.1f} CPU-s); "
-        f"{(scores >= threshold).sum()} prompts have an earlier twin at {threshold}",
-        f"held_out_vs_train search: {held.sum() / cross_s:,.0f} held-out rows/s against {(~held).sum()} "
-        f"({cross_s:.2f} s wall, {cross_cpu:.2f} CPU-s); {(cross >= threshold).sum()} of {held.sum()} have a twin at {threshold}",
+        (
+            f"within_train search: {len(prompts) / within_s:,.0f} rows/s ({within_s:.1f} s wall, {within_cpu:.1f}"
+            f" CPU-s); {(scores >= threshold).sum()} prompts have an earlier twin at {threshold}"
+        ),
+        (
+            f"held_out_vs_train search: {held.sum() / cross_s:,.0f} held-out rows/s against {(~held).sum()}"
+            f" ({cross_s:.2f} s wall, {cross_cpu:.2f} CPU-s); {(cross >= threshold).sum()} of {held.sum()} have a twin"
+            f" at {threshold}"
+        ),
     ]
 
 

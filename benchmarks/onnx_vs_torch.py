@@ -88,7 +88,9 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def measure(label: str, model_dir: Path, onnx_dirs: dict[str, Path], vocab: int, decode_tokens: int, repeats: int) -> None:
+def measure(
+    label: str, model_dir: Path, onnx_dirs: dict[str, Path], vocab: int, decode_tokens: int, repeats: int
+) -> None:
     import random
 
     rng = random.Random(0)
@@ -99,9 +101,15 @@ def measure(label: str, model_dir: Path, onnx_dirs: dict[str, Path], vocab: int,
         results[f"onnx {name}"] = median_of([onnx_timings(folder, prompts, decode_tokens) for _ in range(repeats)])
     reference = results["torch fp32"]
     print(f"\n{label}")
-    print(f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} " + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in lengths))
+    print(
+        f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} "
+        + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in lengths)
+    )
     for name, values in results.items():
-        cells = [f"{values['decode_tokens_per_s']:13.1f} {values['decode_tokens_per_s'] / reference['decode_tokens_per_s']:8.2f}"]
+        cells = [
+            f"{values['decode_tokens_per_s']:13.1f}"
+            f" {values['decode_tokens_per_s'] / reference['decode_tokens_per_s']:8.2f}"
+        ]
         for n in lengths:
             key = f"prefill_{n}_ms"
             # a ratio above 1 means faster than PyTorch for both columns
@@ -124,9 +132,17 @@ def main() -> None:
     export_dir = stages.require("export", recipe, "benchmark")
     onnx_root = export_dir / artifacts.ONNX_DIR
     default_onnx = {p.name: p for p in sorted(onnx_root.iterdir())} if onnx_root.is_dir() else {}
-    vocab = len(__import__("json").loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"])
-    measure(f"default recipe export ({recipe.run.name})", export_dir / artifacts.MODEL_DIR, default_onnx, vocab,
-            args.decode_tokens, args.repeats)  # fmt: skip
+    vocab = len(
+        __import__("json").loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    )
+    measure(
+        f"default recipe export ({recipe.run.name})",
+        export_dir / artifacts.MODEL_DIR,
+        default_onnx,
+        vocab,
+        args.decode_tokens,
+        args.repeats,
+    )
 
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as scratch:
         folder = build_135m(Path(scratch) / "model", export_dir / artifacts.MODEL_DIR)

@@ -37,11 +37,25 @@ LAUNCHES = (
 
 # Qwen2.5 configurations (from their config.json), so parameter counts need no download.
 REFERENCE_MODELS = {
-    "0.5B (Qwen2.5-0.5B)": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "7B (Qwen2.5-7B)": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                            num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}  # fmt: skip
+    "0.5B (Qwen2.5-0.5B)": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7B (Qwen2.5-7B)": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+}
 
 
 def prepare_default(config: str) -> Path:
@@ -60,8 +74,17 @@ def measure(config: str, run_dir: Path, launch_config: str, steps: int, scratch:
     for stage in ("data", "base"):
         shutil.copytree(run_dir / stage, output / run_dir.name / stage)
     overrides = [f"run.output_dir={output}", f"sft.max_steps={steps}", "sft.save_steps=100000", "sft.logging_steps=10"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / launch_config),
-               str(REPO / "pipeline" / "sft.py"), "--config", config, *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / launch_config),
+        str(REPO / "pipeline" / "sft.py"),
+        "--config",
+        config,
+        *overrides,
+    ]
     started = time.time()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
@@ -95,9 +118,17 @@ def deepspeed_estimates() -> list[dict]:
                 zero3_cpu, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(
                     total, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload
                 )
-                rows.append({"model": name, "parameters": total, "gpus": gpus, "offload": offload,
-                             "zero2_gb_per_gpu": zero2_gpu / 2**30, "zero3_gb_per_gpu": zero3_gpu / 2**30,
-                             "ddp_gb_per_gpu": 16 * total / 2**30})  # fmt: skip
+                rows.append(
+                    {
+                        "model": name,
+                        "parameters": total,
+                        "gpus": gpus,
+                        "offload": offload,
+                        "zero2_gb_per_gpu": zero2_gpu / 2**30,
+                        "zero3_gb_per_gpu": zero3_gpu / 2**30,
+                        "ddp_gb_per_gpu": 16 * total / 2**30,
+                    }
+                )
     return rows
 
 
@@ -116,21 +147,32 @@ def main() -> None:
 
     reference = results["1 process"]["tokens_per_second"]
     print(f"\nSFT, default recipe, {args.steps} steps, global batch unchanged")
-    print(f"{'launch':11} {'procs':>5} {'tokens/s':>9} {'vs 1 proc':>9} {'peak MB per process':>22} {'final loss':>10} {'launch s':>8}")
+    print(
+        f"{'launch':11} {'procs':>5} {'tokens/s':>9} {'vs 1 proc':>9} {'peak MB per process':>22} {'final loss':>10}"
+        f" {'launch s':>8}"
+    )
     for label, m in results.items():
         memory = " / ".join(f"{mb:,.0f}" for mb in m["peak_memory_mb_per_process"])
-        print(f"{label:11} {m['processes']:>5} {m['tokens_per_second']:>9,.0f} {m['tokens_per_second'] / reference:>8.2f}x "
-              f"{memory:>22} {m['final_loss']:>10.4f} {m['launch_seconds']:>8.1f}")  # fmt: skip
+        print(
+            f"{label:11} {m['processes']:>5} {m['tokens_per_second']:>9,.0f}"
+            f" {m['tokens_per_second'] / reference:>8.2f}x {memory:>22} {m['final_loss']:>10.4f}"
+            f" {m['launch_seconds']:>8.1f}"
+        )
 
     print("\nDeepSpeed's estimate of model-state memory per GPU, full fine-tuning with Adam (DDP: 16 bytes/parameter)")
     print(f"{'model':20} {'params':>8} {'GPUs':>4} {'offload':>7} {'DDP GB':>7} {'ZeRO-2 GB':>9} {'ZeRO-3 GB':>9}")
     for row in deepspeed_estimates():
-        print(f"{row['model']:20} {row['parameters'] / 1e9:>7.2f}B {row['gpus']:>4} {str(row['offload']):>7} "
-              f"{row['ddp_gb_per_gpu']:>7.1f} {row['zero2_gb_per_gpu']:>9.1f} {row['zero3_gb_per_gpu']:>9.1f}")  # fmt: skip
+        print(
+            f"{row['model']:20} {row['parameters'] / 1e9:>7.2f}B {row['gpus']:>4} {str(row['offload']):>7} "
+            f"{row['ddp_gb_per_gpu']:>7.1f} {row['zero2_gb_per_gpu']:>9.1f} {row['zero3_gb_per_gpu']:>9.1f}"
+        )
     multi = {label: m["tokens_per_second"] / reference for label, m in results.items() if m["processes"] > 1}
     slowest = min(multi, key=multi.get)
-    print(f"\nscaling: 2 processes reach {min(multi.values()):.2f}-{max(multi.values()):.2f}x the tokens/s of one process "
-          f"on this machine (slowest: {slowest}); DeepSpeed's estimates include its 1.5x buffer factor")
+    print(
+        f"\nscaling: 2 processes reach {min(multi.values()):.2f}-{max(multi.values()):.2f}x the tokens/s of one process"
+        f" on this machine (slowest: {slowest}); DeepSpeed's estimates include its 1.5x buffer factor"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,8 @@ start it: the export's serving.json names the dtype, and `-- --no-enforce-eager`
 What each number measures, per concurrency level C with R requests (default R = max(2C, 4)):
   vLLM  the server started as `python -m serving.vllm_server --artifact <folder>` with a serving.json written
         here, driven over loopback by an aiohttp client (streaming /v1/completions with token-id prompts, as
-        `vllm bench serve` does), C requests in flight at all times until R are done. tok/s = output tokens of all R requests
-        / wall time from the first request sent to the last one finished. TTFT = request sent -> first
+        `vllm bench serve` does), C requests in flight at all times until R are done. tok/s = output tokens of
+        all R requests / wall time from the first request sent to the last one finished. TTFT = request sent -> first
         streamed token received; TPOT = (last token - first token) / (tokens - 1), per request. The client
         runs on the same cores as the server, so its cost is in the server's numbers.
   HF    `model.generate` on batches of C prompts (R / C batches). tok/s = output tokens / summed wall time of
@@ -114,14 +114,22 @@ def memory_bandwidth(gib: float, repeats: int = 7) -> dict[str, float]:
     return {"tensor_gib": gib, "read_gb_s": nbytes / min(reads) / 1e9, "copy_gb_s": 2 * nbytes / min(copies) / 1e9}
 
 
-def hf_level(model, prompts: list[list[int]], warmup: list[list[int]], batch: int, output_tokens: int, pad_id: int) -> dict[str, float]:
+def hf_level(
+    model, prompts: list[list[int]], warmup: list[list[int]], batch: int, output_tokens: int, pad_id: int
+) -> dict[str, float]:
     import torch
 
     def generate(ids: list[list[int]], new_tokens: int) -> float:
         tensor = torch.tensor(ids)
         start = time.perf_counter()
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)  # fmt: skip
+        out = model.generate(
+            tensor,
+            attention_mask=torch.ones_like(tensor),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
         seconds = time.perf_counter() - start
         assert out.shape[1] - tensor.shape[1] == new_tokens, "HF produced a different number of tokens"
         return seconds
@@ -139,7 +147,9 @@ def hf_level(model, prompts: list[list[int]], warmup: list[list[int]], batch: in
     return summarize(len(prompts) * output_tokens, total_seconds, ttft, tpot)
 
 
-async def vllm_level(port: int, prompts: list[list[int]], warmup: list[list[int]], concurrency: int, output_tokens: int) -> dict[str, float]:
+async def vllm_level(
+    port: int, prompts: list[list[int]], warmup: list[list[int]], concurrency: int, output_tokens: int
+) -> dict[str, float]:
     """Closed loop: `concurrency` clients, each sending its next request when its last one finished. Tokens are
     counted from the streamed token ids (`return_token_ids`), not the text: most ids of the random model's
     49,152-entry vocabulary are outside the small tokenizer and decode to nothing.
@@ -154,9 +164,17 @@ async def vllm_level(port: int, prompts: list[list[int]], warmup: list[list[int]
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     async def one(session: aiohttp.ClientSession, prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
-        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": tokens,
-                "return_token_ids": True}  # fmt: skip
+        body = {
+            "model": SERVED_NAME,
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+            "min_tokens": tokens,
+            "return_token_ids": True,
+        }
         first = last = None
         received = 0
         usage = None
@@ -182,7 +200,9 @@ async def vllm_level(port: int, prompts: list[list[int]], warmup: list[list[int]
             raise RuntimeError(f"the server produced {received} tokens, asked for exactly {tokens}")
         return sent, first, last, received
 
-    async def run(session: aiohttp.ClientSession, items: list[list[int]], tokens: int) -> list[tuple[float, float, float, int]]:
+    async def run(
+        session: aiohttp.ClientSession, items: list[list[int]], tokens: int
+    ) -> list[tuple[float, float, float, int]]:
         queue = list(enumerate(items))
         results: list = [None] * len(items)
 
@@ -209,11 +229,28 @@ def start_server(artifact: Path, config: str, port: int, log_path: Path, compile
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "serving.vllm_server", "--config", config, "--artifact", str(artifact),
-             "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-             *(["--", "--no-enforce-eager"] if compile_graphs else [])],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "serving.vllm_server",
+                "--config",
+                config,
+                "--artifact",
+                str(artifact),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api-key",
+                API_KEY,
+                *(["--", "--no-enforce-eager"] if compile_graphs else []),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
@@ -226,7 +263,9 @@ def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
     import psutil
 
     children = psutil.Process(server.pid).children(recursive=True)
-    workers = [p for p in children if "Worker" in p.name()] or [p for p in children if "EngineCore" in p.name()] or children
+    workers = (
+        [p for p in children if "Worker" in p.name()] or [p for p in children if "EngineCore" in p.name()] or children
+    )
     out = {}
     for process in workers:
         cpus: set[int] = set()
@@ -253,20 +292,32 @@ def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype:
     generation = json.loads((model_dir / "generation_config.json").read_text())
     stop_ids = generation.get("eos_token_id")
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
-    artifacts.write_serving_file(folder, served_model_name=SERVED_NAME, max_model_len=max_model_len, dtype=dtype,
-                                 stop_ids=stop_ids, stop_tokens=[], tool_call_parser=None, lora=None)  # fmt: skip
+    artifacts.write_serving_file(
+        folder,
+        served_model_name=SERVED_NAME,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        stop_ids=stop_ids,
+        stop_tokens=[],
+        tool_call_parser=None,
+        lora=None,
+    )
     return folder
 
 
 def print_table(levels: list[int], hf: dict, vllm: dict, requests: dict[int, int]) -> None:
-    print(f"\n{'conc':>4} {'reqs':>4} | {'vLLM tok/s':>10} {'HF tok/s':>9} {'x HF':>6} | "
-          f"{'vLLM TTFT p50/p99 ms':>22} {'HF TTFT p50/p99':>18} | {'vLLM TPOT p50/p99':>18} {'HF TPOT p50/p99':>18}")  # fmt: skip
+    print(
+        f"\n{'conc':>4} {'reqs':>4} | {'vLLM tok/s':>10} {'HF tok/s':>9} {'x HF':>6} | "
+        f"{'vLLM TTFT p50/p99 ms':>22} {'HF TTFT p50/p99':>18} | {'vLLM TPOT p50/p99':>18} {'HF TPOT p50/p99':>18}"
+    )
     for c in levels:
         v, h = vllm[c], hf[c]
-        print(f"{c:4d} {requests[c]:4d} | {v['tokens_per_s']:10.1f} {h['tokens_per_s']:9.1f} "
-              f"{v['tokens_per_s'] / h['tokens_per_s']:6.2f} | "
-              f"{v['ttft_p50_ms']:10.1f}/{v['ttft_p99_ms']:<11.1f} {h['ttft_p50_ms']:8.1f}/{h['ttft_p99_ms']:<9.1f} | "
-              f"{v['tpot_p50_ms']:8.1f}/{v['tpot_p99_ms']:<9.1f} {h['tpot_p50_ms']:8.1f}/{h['tpot_p99_ms']:<9.1f}")  # fmt: skip
+        print(
+            f"{c:4d} {requests[c]:4d} | {v['tokens_per_s']:10.1f} {h['tokens_per_s']:9.1f} "
+            f"{v['tokens_per_s'] / h['tokens_per_s']:6.2f} | "
+            f"{v['ttft_p50_ms']:10.1f}/{v['ttft_p99_ms']:<11.1f} {h['ttft_p50_ms']:8.1f}/{h['ttft_p99_ms']:<9.1f} | "
+            f"{v['tpot_p50_ms']:8.1f}/{v['tpot_p99_ms']:<9.1f} {h['tpot_p50_ms']:8.1f}/{h['tpot_p99_ms']:<9.1f}"
+        )
 
 
 def main() -> None:
@@ -275,12 +326,23 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-level", type=int, help="requests at each level (default: max(2 x concurrency, 4))")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=native_dtype(),
-                        help="weights and compute of both engines (default: bfloat16 where the CPU computes it "
-                             "natively, here %(default)s)")
-    parser.add_argument("--eager", action="store_true",
-                        help="run the server in its default eager mode instead of letting vLLM compile the model")
+    parser.add_argument(
+        "--requests-per-level", type=int, help="requests at each level (default: max(2 x concurrency, 4))"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=native_dtype(),
+        help=(
+            "weights and compute of both engines (default: bfloat16 where the CPU computes it "
+            "natively, here %(default)s)"
+        ),
+    )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the server in its default eager mode instead of letting vLLM compile the model",
+    )
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server-log", type=Path, help="keep a copy of the vLLM server's log here")
@@ -305,12 +367,17 @@ def main() -> None:
         warmups[c] = [[rng.randrange(3, vocab) for _ in range(args.prompt_tokens)] for _ in range(c)]
     max_model_len = args.prompt_tokens + args.output_tokens + 16
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"prompts {args.prompt_tokens} tokens (random ids < {vocab}), outputs exactly {args.output_tokens} tokens, {args.dtype}, greedy")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; prompts"
+        f" {args.prompt_tokens} tokens (random ids < {vocab}), outputs exactly {args.output_tokens} tokens,"
+        f" {args.dtype}, greedy"
+    )
     load_before = os.getloadavg()
     bandwidth = memory_bandwidth(args.bandwidth_gib)
-    print(f"memory bandwidth ({bandwidth['tensor_gib']:g} GiB float32, best of 7): read {bandwidth['read_gb_s']:.1f} GB/s, "
-          f"copy {bandwidth['copy_gb_s']:.1f} GB/s")  # fmt: skip
+    print(
+        f"memory bandwidth ({bandwidth['tensor_gib']:g} GiB float32, best of 7): read {bandwidth['read_gb_s']:.1f}"
+        f" GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s"
+    )
 
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
         scratch = Path(scratch)
@@ -325,9 +392,13 @@ def main() -> None:
         try:
             healthy_after = server_process.wait_healthy(port, server, log_path)  # its error carries the end of the log
             workers = server_cpus(server)
-            print(f"vLLM server ({'eager' if args.eager else 'compiled'}) healthy after {healthy_after:.0f} s; CPUs the threads running its model may use: {workers} "
-                  f"(HF: {torch.get_num_threads()} threads, unpinned)")  # fmt: skip
-            model = AutoModelForCausalLM.from_pretrained(str(artifact / artifacts.MODEL_DIR), dtype=getattr(torch, args.dtype)).eval()
+            print(
+                f"vLLM server ({'eager' if args.eager else 'compiled'}) healthy after {healthy_after:.0f} s; CPUs the"
+                f" threads running its model may use: {workers} (HF: {torch.get_num_threads()} threads, unpinned)"
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                str(artifact / artifacts.MODEL_DIR), dtype=getattr(torch, args.dtype)
+            ).eval()
             parameters = sum(p.numel() for p in model.parameters())
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             pad_id = model.generation_config.pad_token_id or 0
@@ -336,12 +407,20 @@ def main() -> None:
             for c in levels:
                 hf[c] = hf_level(model, prompts[c], warmups[c], c, args.output_tokens, pad_id)
                 vllm[c] = asyncio.run(vllm_level(port, prompts[c], warmups[c], c, args.output_tokens))
-                print(f"  concurrency {c:3d}, {requests[c]} requests: HF {hf[c]['tokens_per_s']:6.1f} tok/s ({hf[c]['seconds']:.1f} s), "
-                      f"vLLM {vllm[c]['tokens_per_s']:6.1f} tok/s ({vllm[c]['seconds']:.1f} s)", flush=True)  # fmt: skip
+                print(
+                    f"  concurrency {c:3d}, {requests[c]} requests: HF {hf[c]['tokens_per_s']:6.1f} tok/s"
+                    f" ({hf[c]['seconds']:.1f} s), vLLM {vllm[c]['tokens_per_s']:6.1f} tok/s"
+                    f" ({vllm[c]['seconds']:.1f} s)",
+                    flush=True,
+                )
             del model
         except BaseException:
             if healthy_after is not None and server.poll() is not None:
-                print(f"the server exited with code {server.returncode}; the end of its log:\n{server_process.log_tail(log_path)}", file=sys.stderr)
+                print(
+                    f"the server exited with code {server.returncode}; the end of its"
+                    f" log:\n{server_process.log_tail(log_path)}",
+                    file=sys.stderr,
+                )
             raise
         finally:
             left = server_process.stop(server)
@@ -353,25 +432,35 @@ def main() -> None:
     load_after = os.getloadavg()
     print_table(levels, hf, vllm, requests)
     ceiling = bandwidth["read_gb_s"] * 1e9 / model_bytes
-    print(f"\nmodel: {parameters / 1e6:.1f}M parameters, {model_bytes / 1e6:.0f} MB {args.dtype}; batch-1 decode ceiling at "
-          f"{bandwidth['read_gb_s']:.1f} GB/s read bandwidth = {ceiling:.1f} tok/s")  # fmt: skip
+    print(
+        f"\nmodel: {parameters / 1e6:.1f}M parameters, {model_bytes / 1e6:.0f} MB {args.dtype}; batch-1 decode ceiling"
+        f" at {bandwidth['read_gb_s']:.1f} GB/s read bandwidth = {ceiling:.1f} tok/s"
+    )
     batch1 = {}
     if 1 in levels:
         for name, results in (("vLLM", vllm), ("HF", hf)):
             decode = 1000 / results[1]["tpot_p50_ms"]
             batch1[name] = {"decode_tokens_per_s": decode, "fraction_of_ceiling": decode / ceiling}
-            print(f"  {name:4} batch-1 decode {decode:6.1f} tok/s (1 / TPOT p50) = {decode / ceiling:.2f} of the bandwidth limit")
+            print(
+                f"  {name:4} batch-1 decode {decode:6.1f} tok/s (1 / TPOT p50) = {decode / ceiling:.2f} of the"
+                " bandwidth limit"
+            )
 
     busy = " (other work was running before: read the ratios with care)" if load_before[0] > 0.5 else ""
-    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
-          f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs{busy}")
+    print(
+        f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
+        f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} CPUs{busy}"
+    )
 
     goal_level = 32
     if goal_level in levels:
         ratio = vllm[goal_level]["tokens_per_s"] / hf[goal_level]["tokens_per_s"]
         verdict = "MET" if ratio >= GOAL_RATIO else "NOT MET"
-        summary = (f"goal {verdict}: vLLM server {vllm[goal_level]['tokens_per_s']:.1f} tok/s vs HF "
-                   f"{hf[goal_level]['tokens_per_s']:.1f} tok/s at concurrency {goal_level} = {ratio:.2f}x (goal >= {GOAL_RATIO:g}x)")  # fmt: skip
+        summary = (
+            f"goal {verdict}: vLLM server {vllm[goal_level]['tokens_per_s']:.1f} tok/s vs HF"
+            f" {hf[goal_level]['tokens_per_s']:.1f} tok/s at concurrency {goal_level} = {ratio:.2f}x (goal >="
+            f" {GOAL_RATIO:g}x)"
+        )
     else:
         top = levels[-1]
         ratio = vllm[top]["tokens_per_s"] / hf[top]["tokens_per_s"]
@@ -379,12 +468,22 @@ def main() -> None:
     print(f"\n{summary}")
 
     if args.json:
-        record = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "torch_threads": torch.get_num_threads(), "vllm_worker_cpus": workers,
-                  "load_average_before": load_before, "load_average_after": load_after,
-                  "requests_per_level": requests, "parameters": parameters, "model_bytes": model_bytes,
-                  "bandwidth": bandwidth, "batch1_ceiling_tokens_per_s": ceiling, "batch1": batch1,
-                  "hf": hf, "vllm": vllm, "summary": summary}  # fmt: skip
+        record = {
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch_threads": torch.get_num_threads(),
+            "vllm_worker_cpus": workers,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "requests_per_level": requests,
+            "parameters": parameters,
+            "model_bytes": model_bytes,
+            "bandwidth": bandwidth,
+            "batch1_ceiling_tokens_per_s": ceiling,
+            "batch1": batch1,
+            "hf": hf,
+            "vllm": vllm,
+            "summary": summary,
+        }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
 

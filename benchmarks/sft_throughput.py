@@ -31,10 +31,12 @@ import json, sys, time
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
-run_dir, steps, batch, lr, max_length, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+run_dir, seed = sys.argv[1], int(sys.argv[6])
+steps, batch, lr, max_length = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 tokenizer = AutoTokenizer.from_pretrained(f"{run_dir}/data/tokenizer")
 model = AutoModelForCausalLM.from_pretrained(f"{run_dir}/base")
-train = datasets.load_from_disk(f"{run_dir}/data/sft")["train"].select_columns(["messages", "input_ids", "assistant_masks"])
+columns = ["messages", "input_ids", "assistant_masks"]
+train = datasets.load_from_disk(f"{run_dir}/data/sft")["train"].select_columns(columns)
 args = SFTConfig(output_dir=f"{run_dir}/bare", max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                  lr_scheduler_type="cosine", warmup_steps=10, logging_steps=50, save_strategy="no", report_to="none",
                  use_cpu=True, bf16=False, assistant_only_loss=True, max_length=max_length, seed=seed,
@@ -43,7 +45,8 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_cla
 start, cpu_start = time.time(), time.process_time()
 trainer.train()
 seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
-print("RESULT " + json.dumps({"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "cpu_seconds": cpu_seconds}))
+result = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "cpu_seconds": cpu_seconds}
+print("RESULT " + json.dumps(result))
 """
 
 
@@ -56,7 +59,11 @@ def pipeline_result(config: str, overrides: list[str]) -> dict:
     from pipeline.core.config import load_recipe
 
     metrics = artifacts.read_manifest(load_recipe(config, overrides).run_dir / "sft")["metrics"]
-    return {"tokens": metrics["tokens_seen"], "seconds": metrics["train_seconds"], "cpu_seconds": metrics["train_cpu_seconds"]}
+    return {
+        "tokens": metrics["tokens_seen"],
+        "seconds": metrics["train_seconds"],
+        "cpu_seconds": metrics["train_cpu_seconds"],
+    }
 
 
 def bare_command(run_dir: Path, steps: int, batch: int, lr: float, max_length: int, seed: int) -> list[str]:
@@ -77,10 +84,17 @@ def run_concurrently(commands: dict[str, list[str]], cores: dict[str, int]) -> d
     """Start the programs at once, each pinned to its own core with one thread; their stdout by name."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {
-        name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda core=cores[name]: os.sched_setaffinity(0, {core}))
+        name: subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda core=cores[name]: os.sched_setaffinity(0, {core}),
+        )
         for name, command in commands.items()
-    }  # fmt: skip
+    }
     outputs = {}
     for name, process in running.items():
         stdout, stderr = process.communicate()
@@ -112,9 +126,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=8, help="runs of each; pairs alternate which goes first")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run the pairs one after the other with all cores each (ABBA order) instead of at once, "
-                        "one core and one thread each; identical sequential runs differ by up to 20%% here")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help=(
+            "run the pairs one after the other with all cores each (ABBA order) instead of at once, "
+            "one core and one thread each; identical sequential runs differ by up to 20%% here"
+        ),
+    )
     args = parser.parse_args()
 
     from pipeline import base, data
@@ -135,38 +154,60 @@ def main() -> None:
         if not args.sequential:
             # Both at once, one core each, swapping cores every pair: the machine's neighbours slow both alike.
             cores = {"pipeline": repeat % 2, "bare": 1 - repeat % 2}
-            out = run_concurrently({"pipeline": pipeline_command(*pipeline_args), "bare": bare_command(*bare_args)}, cores)
+            out = run_concurrently(
+                {"pipeline": pipeline_command(*pipeline_args), "bare": bare_command(*bare_args)}, cores
+            )
             measured = {"pipeline": pipeline_result(*pipeline_args), "bare": bare_result(out["bare"])}
         else:
             # ABBA order: whichever runs second in a pair must not always be the same program.
             order = ["pipeline", "bare"] if repeat % 2 == 0 else ["bare", "pipeline"]
             runs = {
                 "pipeline": lambda: run_pipeline_sft(*pipeline_args),
-                "bare": lambda: bare_result(subprocess.run(bare_command(*bare_args), cwd=REPO, check=True, capture_output=True, text=True).stdout),
+                "bare": lambda: bare_result(
+                    subprocess.run(
+                        bare_command(*bare_args), cwd=REPO, check=True, capture_output=True, text=True
+                    ).stdout
+                ),
             }
             measured = {name: runs[name]() for name in order}
         pipeline_rates.append(measured["pipeline"]["tokens"] / measured["pipeline"]["seconds"])
         bare_rates.append(measured["bare"]["tokens"] / measured["bare"]["seconds"])
         # Tokens per CPU-second: what each program does with the CPU it gets, less exposed to the machine's
         # neighbours than wall time (identical runs differ by up to 20% in wall time here).
-        cpu_ratios.append((measured["pipeline"]["tokens"] / measured["pipeline"]["cpu_seconds"])
-                          / (measured["bare"]["tokens"] / measured["bare"]["cpu_seconds"]))  # fmt: skip
+        cpu_ratios.append(
+            (measured["pipeline"]["tokens"] / measured["pipeline"]["cpu_seconds"])
+            / (measured["bare"]["tokens"] / measured["bare"]["cpu_seconds"])
+        )
     ratio = statistics.median(p / b for p, b in zip(pipeline_rates, bare_rates))
 
     packed = run_pipeline_sft(args.config, common + ["sft.packing=true"])
     unpacked = run_pipeline_sft(args.config, common + ["sft.packing=false"])
     packing_gain = (packed["tokens"] / packed["seconds"]) / (unpacked["tokens"] / unpacked["seconds"])
 
-    print(f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning, {args.repeats} runs each, "
-          f"{'in ABBA order' if args.sequential else 'pairs run at once, one core each, cores swapped every pair'}")
+    print(
+        f"SFT throughput, {args.steps} steps x global batch {recipe.sft.global_batch_size}, full fine-tuning,"
+        f" {args.repeats} runs each,"
+        f" {'in ABBA order' if args.sequential else 'pairs run at once, one core each, cores swapped every pair'}"
+    )
     print(f"  pipeline  tokens/s: {', '.join(f'{r:,.0f}' for r in pipeline_rates)}")
     print(f"  bare TRL  tokens/s: {', '.join(f'{r:,.0f}' for r in bare_rates)}")
-    print(f"  ratio pipeline / bare TRL (median of pairs): {ratio:.3f}  (required >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
-    print(f"  tokens per CPU-second, pipeline / bare TRL: {', '.join(f'{r:.3f}' for r in cpu_ratios)} "
-          f"(median {statistics.median(cpu_ratios):.3f})")
-    print(f"  padding fraction of the default data at batch {per_device}: {padding_fraction(recipe.run_dir, per_device, recipe.run.seed):.3f}")
-    print(f"  real tokens/s with packing: {packed['tokens'] / packed['seconds']:,.0f}, without: {unpacked['tokens'] / unpacked['seconds']:,.0f} "
-          f"(packing / no packing = {packing_gain:.2f}x; packed steps carry more real tokens each)")
+    print(
+        f"  ratio pipeline / bare TRL (median of pairs): {ratio:.3f}  (required >= 0.95:"
+        f" {'PASS' if ratio >= 0.95 else 'FAIL'})"
+    )
+    print(
+        f"  tokens per CPU-second, pipeline / bare TRL: {', '.join(f'{r:.3f}' for r in cpu_ratios)} "
+        f"(median {statistics.median(cpu_ratios):.3f})"
+    )
+    print(
+        f"  padding fraction of the default data at batch {per_device}:"
+        f" {padding_fraction(recipe.run_dir, per_device, recipe.run.seed):.3f}"
+    )
+    print(
+        f"  real tokens/s with packing: {packed['tokens'] / packed['seconds']:,.0f}, without:"
+        f" {unpacked['tokens'] / unpacked['seconds']:,.0f} (packing / no packing = {packing_gain:.2f}x; packed steps"
+        " carry more real tokens each)"
+    )
     sys.exit(0 if ratio >= 0.95 else 1)
 
 

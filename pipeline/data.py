@@ -57,7 +57,9 @@ def _collect(recipe: Recipe) -> tuple[list[dict], list[dict], Tally, Tally]:
     tallies = {False: Tally(), True: Tally()}  # keyed by "is preference data"; undetectable rows count as SFT
     for index, source in enumerate(recipe.data.sources):
         fmt = source.format
-        for location, row in tqdm(formats.read_source(source), desc=f"reading {source.label}", unit=" rows", file=sys.stderr):
+        for location, row in tqdm(
+            formats.read_source(source), desc=f"reading {source.label}", unit=" rows", file=sys.stderr
+        ):
             try:
                 if isinstance(row, formats.Malformed):
                     raise row
@@ -127,7 +129,9 @@ def _is_eval(prompt_key: str, seed: int, eval_fraction: float) -> bool:
 def _split(rows: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict]]:
     train, held_out = [], []
     for record in rows:
-        (held_out if _is_eval(_prompt_key(record), recipe.run.seed, recipe.data.eval_fraction) else train).append(record)
+        (held_out if _is_eval(_prompt_key(record), recipe.run.seed, recipe.data.eval_fraction) else train).append(
+            record
+        )
     return train, held_out
 
 
@@ -172,7 +176,9 @@ def _tokenize_preference(batch: dict[str, list], tokenizer: Any) -> dict[str, li
     out: dict[str, list] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
     for prompt, chosen, rejected, tools in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"]):
         parsed = chat.parse_tools(tools)
-        out["prompt_length"].append(len(chat.render_ids(tokenizer, prompt, parsed, add_generation_prompt=True)["input_ids"]))
+        out["prompt_length"].append(
+            len(chat.render_ids(tokenizer, prompt, parsed, add_generation_prompt=True)["input_ids"])
+        )
         out["chosen_length"].append(len(chat.render_ids(tokenizer, prompt + chosen, parsed)["input_ids"]))
         out["rejected_length"].append(len(chat.render_ids(tokenizer, prompt + rejected, parsed)["input_ids"]))
     return out
@@ -201,15 +207,21 @@ def _tokenize_and_filter(dataset: Any, kind: str, tokenizer: Any, recipe: Recipe
     processes = recipe.data.num_proc if recipe.data.num_proc > 1 else None
     if kind == "sft":
         dataset = dataset.map(
-            _tokenize_sft, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=processes,
+            _tokenize_sft,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer},
+            num_proc=processes,
             desc="tokenizing SFT rows",
-        )  # fmt: skip
+        )
         keep = [length <= max_length for length in dataset["length"]]
     else:
         dataset = dataset.map(
-            _tokenize_preference, batched=True, fn_kwargs={"tokenizer": tokenizer}, num_proc=processes,
+            _tokenize_preference,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer},
+            num_proc=processes,
             desc="tokenizing preference rows",
-        )  # fmt: skip
+        )
         keep = [max(c, r) <= max_length for c, r in zip(dataset["chosen_length"], dataset["rejected_length"])]
     tally.dropped["too_long"] += keep.count(False)
     return dataset.select([i for i, ok in enumerate(keep) if ok])
@@ -221,12 +233,17 @@ def _prepare_tokenizer(recipe: Recipe, train_rows: list[dict]) -> Any:
     if model.train_tokenizer_vocab_size is not None:
         return chat.train_tokenizer(_training_conversations(train_rows), model.train_tokenizer_vocab_size, template)
     return chat.load_tokenizer(
-        model.tokenizer or model.name_or_path, template, revision=model.revision, trust_remote_code=model.trust_remote_code
+        model.tokenizer or model.name_or_path,
+        template,
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
     )
 
 
 def run(recipe: Recipe, *, force: bool = False, preview: int = 0) -> stages.Outcome:
-    sources = {f"source{index}:{source.label}": _source_record(source) for index, source in enumerate(recipe.data.sources)}
+    sources = {
+        f"source{index}:{source.label}": _source_record(source) for index, source in enumerate(recipe.data.sources)
+    }
     outcome = stages.execute(STAGE, recipe, lambda run: _prepare_data(recipe, run), force=force, inputs=sources)
     if preview:
         print(render_preview(recipe.run_dir / "data", preview))
@@ -277,7 +294,9 @@ def _prepare_data(recipe: Recipe, run: artifacts.StageRun) -> stages.Result:
         sft_tally.dropped.update(near.dropped["sft"])
         pref_tally.dropped.update(near.dropped["preference"])
 
-    tokenizer = pretrained if pretrained is not None else _prepare_tokenizer(recipe, splits["sft"][0] + splits["preference"][0])
+    tokenizer = (
+        pretrained if pretrained is not None else _prepare_tokenizer(recipe, splits["sft"][0] + splits["preference"][0])
+    )
     if sft_rows:
         chat.ensure_training_template(tokenizer)
     end_of_turn = chat.end_of_turn_token_id(tokenizer) if sft_rows else None
@@ -305,7 +324,7 @@ def _prepare_data(recipe: Recipe, run: artifacts.StageRun) -> stages.Result:
         for split, rows in (("train", weighted), ("eval", held_out)):
             table = datasets.Dataset.from_list(rows) if rows else None
             parts[split] = _tokenize_and_filter(table, kind, tokenizer, recipe, tally) if table is not None else None
-        kept = {split: (len(ds) if ds is not None else 0) for split, ds in parts.items()}
+        kept = {split: len(ds) if ds is not None else 0 for split, ds in parts.items()}
         lengths_key = "length" if kind == "sft" else "chosen_length"
         stats[kind] = {
             **tally.as_dict(),
@@ -326,7 +345,9 @@ def _prepare_data(recipe: Recipe, run: artifacts.StageRun) -> stages.Result:
                 f"no {kind} training rows survived (dropped: {dict(tally.dropped)}); with data.max_length="
                 f"{recipe.data.max_length}, raise the limit or check the data."
             )
-        datasets.DatasetDict({s: ds for s, ds in parts.items() if ds is not None}).save_to_disk(str(work / out_dirs[kind]))
+        datasets.DatasetDict({s: ds for s, ds in parts.items() if ds is not None}).save_to_disk(
+            str(work / out_dirs[kind])
+        )
 
     _check_survival(recipe, stats)
     (work / artifacts.STATS).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
@@ -344,7 +365,7 @@ def _check_survival(recipe: Recipe, stats: dict[str, Any]) -> None:
                 f"only {kept} of {read} {kind} rows survived validation ({kept / read:.1%}, below "
                 f"data.min_keep_fraction={recipe.data.min_keep_fraction}); dropped by reason: "
                 f"{stats[kind]['dropped']}. Fix the data or lower data.min_keep_fraction. The previous artifact, if "
-                f"any, is untouched."
+                "any, is untouched."
             )
 
 
@@ -375,13 +396,21 @@ def _summary(stats: dict[str, Any], seconds: float) -> str:
     vocab = stats["tokenizer"]
     if vocab["trained"] and vocab["vocab_size"] != vocab["requested_vocab_size"]:
         # BPE stops early when the text offers no more merges; a smaller vocabulary than asked is not an error.
-        parts.append(f"tokenizer: {vocab['vocab_size']} tokens (asked {vocab['requested_vocab_size']}: the data offers no more merges)")
+        parts.append(
+            f"tokenizer: {vocab['vocab_size']} tokens (asked {vocab['requested_vocab_size']}: the data offers no more"
+            " merges)"
+        )
     return f"data: {'; '.join(parts)} ({seconds:.1f} s)"
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preview", type=int, default=0, metavar="N",
-                        help="print the first N training rows as the model sees them, trained tokens marked")  # fmt: skip
+    parser.add_argument(
+        "--preview",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N training rows as the model sees them, trained tokens marked",
+    )
 
 
 main = cli.stage_main(STAGE, run, _arguments)

@@ -44,15 +44,21 @@ def _trainer_class() -> type:
         through the SFT term even while preferences are not learned. One more pass over the held-out pairs per term,
         each with only that term in `loss_types` (TRL reads the list at every loss computation)."""
 
-        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # noqa: ANN001, ANN201 - Trainer's signature
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        def evaluation_loop(
+            self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+        ):  # noqa: ANN001, ANN201 - Trainer's signature
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
             if len(self.loss_types) < 2:
                 return output
             types, weights = self.loss_types, self.loss_weights
             try:
                 for loss_type in types:
                     self.loss_types, self.loss_weights = [loss_type], [1.0]
-                    term = super().evaluation_loop(dataloader, f"{description} ({loss_type} term)", True, ignore_keys, metric_key_prefix)
+                    term = super().evaluation_loop(
+                        dataloader, f"{description} ({loss_type} term)", True, ignore_keys, metric_key_prefix
+                    )
                     output.metrics[f"{metric_key_prefix}_{loss_type}_loss"] = term.metrics[f"{metric_key_prefix}_loss"]
             finally:
                 self.loss_types, self.loss_weights = types, weights
@@ -66,7 +72,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
     if not (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir():
         raise MissingArtifactError(
             f"the data artifact {data_dir} has no preference pairs. Add a source with prompt/chosen/rejected columns "
-            f"(or ShareGPT conversations + chosen + rejected) to data.sources and rerun "
+            "(or ShareGPT conversations + chosen + rejected) to data.sources and rerun "
             f"`{stages.get('data').command} --config {recipe.source_path}`."
         )
     import datasets
@@ -85,7 +91,11 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
         evaluated = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
         rewards.update({key: evaluated[key] for key in terms if key in evaluated})  # the held-out loss of each term
         record = start.record(work)
-        words = f", reward margin {rewards['rewards_margins']:.3g}, reward accuracy {rewards['rewards_accuracies']:.3g}" if last else ""
+        words = (
+            f", reward margin {rewards['rewards_margins']:.3g}, reward accuracy {rewards['rewards_accuracies']:.3g}"
+            if last
+            else ""
+        )
         return record, rewards, words
 
     return training.Job(

@@ -51,11 +51,22 @@ def check_gates(gates: dict[str, float], results: dict[str, dict[str, Any]]) -> 
         metric, _, source = measure.partition("@")
         names = subject.split("-")
         sign = 1 if scoring.higher_is_better(metric) else -1
-        values = {n: (results.get(n, {}).get("by_source", {}).get(source, {}) if source else results.get(n, {})).get(metric) for n in names}
+        values = {
+            n: (results.get(n, {}).get("by_source", {}).get(source, {}) if source else results.get(n, {})).get(metric)
+            for n in names
+        }
         missing = [n for n, v in values.items() if v is None]
         if missing:
             where = f" on source {source}" if source else ""
-            rows.append({"gate": key, "threshold": threshold, "value": None, "passed": False, "why": f"no {metric}{where} for {', '.join(missing)}"})
+            rows.append(
+                {
+                    "gate": key,
+                    "threshold": threshold,
+                    "value": None,
+                    "passed": False,
+                    "why": f"no {metric}{where} for {', '.join(missing)}",
+                }
+            )
             continue
         value = values[names[0]] - (values[names[1]] if len(names) == 2 else 0.0)
         rows.append({"gate": key, "threshold": threshold, "value": value, "passed": sign * value >= sign * threshold})
@@ -64,19 +75,24 @@ def check_gates(gates: dict[str, float], results: dict[str, dict[str, Any]]) -> 
 
 def gate_failure_message(recipe: Recipe, gates: list[dict[str, Any]]) -> str:
     """What failed, and the commands that export and serve the model anyway; then the gate table."""
-    failed = ", ".join(f"{g['gate']} = {'n/a' if g['value'] is None else round(g['value'], 4)} (needs {g['threshold']})"
-                       for g in gates if not g["passed"])  # fmt: skip
+    failed = ", ".join(
+        f"{g['gate']} = {'n/a' if g['value'] is None else round(g['value'], 4)} (needs {g['threshold']})"
+        for g in gates
+        if not g["passed"]
+    )
     config = recipe.source_path
     return (
         f"evaluation gates failed: {failed}; see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}. Export refuses a "
-        f"model that failed its gates. To export and serve it anyway (the export records that its gates failed):\n"
+        "model that failed its gates. To export and serve it anyway (the export records that its gates failed):\n"
         f"    python -m pipeline.export --config {config} --allow-failed-gates\n"
         f"    python -m serving.demo --config {config}\n"
-        f"(or rerun the pipeline with --allow-failed-gates)\n\n" + report.gate_table(gates)
+        "(or rerun the pipeline with --allow-failed-gates)\n\n" + report.gate_table(gates)
     )
 
 
-def _full_weights_dir(folder: Path, scratch: Path, recipe: Recipe, settings: engines.EngineSettings, tokenizer: Any) -> Path:
+def _full_weights_dir(
+    folder: Path, scratch: Path, recipe: Recipe, settings: engines.EngineSettings, tokenizer: Any
+) -> Path:
     """A folder with full weights for this model: the artifact itself, or an adapter merged into a scratch copy."""
     base, adapter = artifacts.model_location(folder)
     if adapter is None:
@@ -90,16 +106,27 @@ def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.Eng
     """What the results of one model depend on: its weights, the evaluation settings (not the gates), the engine
     and the held-out data."""
     measured = {k: v for k, v in recipe.to_dict()["evaluate"].items() if k != "gates"}
-    record = {"weights": artifacts.weights_identity(folder), "evaluate": measured, "backend": backend,
-              "context_length": recipe.data.max_length,
-              "engine": settings.as_dict(), "attn_implementation": recipe.model.attn_implementation, "data": data_identity}  # fmt: skip
+    record = {
+        "weights": artifacts.weights_identity(folder),
+        "evaluate": measured,
+        "backend": backend,
+        "context_length": recipe.data.max_length,
+        "engine": settings.as_dict(),
+        "attn_implementation": recipe.model.attn_implementation,
+        "data": data_identity,
+    }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _evaluate_model(
-    folder: Path, recipe: Recipe, held: scoring.HeldOut, tokenizer: Any, backend: str, settings: engines.EngineSettings,
+    folder: Path,
+    recipe: Recipe,
+    held: scoring.HeldOut,
+    tokenizer: Any,
+    backend: str,
+    settings: engines.EngineSettings,
     scratch: Path,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Generate with one model on every held-out set and score it."""
     model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
     model = models.load(model_dir, recipe.model, settings.dtype, device="cuda" if engines.on_gpu() else None)
@@ -110,7 +137,10 @@ def _evaluate_model(
     # The context the export is served with (export.py): an answer that would run past it is cut as the server cuts it.
     context = recipe.data.max_length
     if backend == "hf":
-        outputs = {name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size, context) for name, ids in sets.items()}
+        outputs = {
+            name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size, context)
+            for name, ids in sets.items()
+        }
     else:
         engine = engines.VLLMEngine(model_dir, settings, context)
         try:
@@ -143,7 +173,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
         raise PipelineError(
             f"the eval split of {data_dir} has nothing to evaluate: no held-out answer with text, no tool call and no "
             f"preference pair, so {', '.join(recipe.evaluate.metrics)} cannot be computed. Hold out rows whose last "
-            f"assistant turn has text (raise data.eval_fraction)."
+            "assistant turn has text (raise data.eval_fraction)."
         )
     previous_cache = run.final_dir / CACHE_DIR
     work = run.begin()
@@ -162,7 +192,10 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
             print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
         else:
             reused.append(name)
-            print(f"eval: {name} unchanged since its last evaluation; results reused: {scoring.describe(cached['scores'])}")
+            print(
+                f"eval: {name} unchanged since its last evaluation; results reused:"
+                f" {scoring.describe(cached['scores'])}"
+            )
         (work / CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
         results[name], outputs[name] = cached["scores"], cached["outputs"]
     shutil.rmtree(scratch, ignore_errors=True)
@@ -171,7 +204,14 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     passed = all(g["passed"] for g in gates)
     held.write_predictions(work / artifacts.PREDICTIONS_FILE, outputs)
     engine = {"backend": backend, **settings.as_dict()}
-    summary = {"engine": engine, "examples": held.sizes(), "models": results, "gates": gates, "gates_passed": passed, "reused": reused}
+    summary = {
+        "engine": engine,
+        "examples": held.sizes(),
+        "models": results,
+        "gates": gates,
+        "gates_passed": passed,
+        "reused": reused,
+    }
     (work / artifacts.METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     report.write(work, recipe, summary, held, outputs)
     tracking.log_evaluation(recipe, results)

@@ -58,7 +58,9 @@ def _merge_parity(base: Any, adapter: Path | None, exported: Path, recipe: Recip
     return _max_logit_difference(reference, reloaded, ids)
 
 
-def _template_parity(training_tokenizer: Any, exported: Path, conversations: list[tuple[list[dict], Any]], stop_ids: list[int]) -> dict[str, Any]:
+def _template_parity(
+    training_tokenizer: Any, exported: Path, conversations: list[tuple[list[dict], Any]], stop_ids: list[int]
+) -> dict[str, Any]:
     """Token ids of each conversation, whole and as a prompt, from the training tokenizer and the exported one."""
     from transformers import AutoTokenizer
 
@@ -70,17 +72,32 @@ def _template_parity(training_tokenizer: Any, exported: Path, conversations: lis
         for c, tools in conversations
     )
     end_of_turn = chat.end_of_turn_token_id(training_tokenizer)
-    return {"conversations": len(conversations), "with_tools": sum(bool(t) for _, t in conversations), "mismatches": mismatches,
-            "end_of_turn_is_stop": end_of_turn in stop_ids}  # fmt: skip
+    return {
+        "conversations": len(conversations),
+        "with_tools": sum(bool(t) for _, t in conversations),
+        "mismatches": mismatches,
+        "end_of_turn_is_stop": end_of_turn in stop_ids,
+    }
 
 
 def build_onnx(model_dir: Path, out_dir: Path, precision: str) -> None:
     """ONNX Runtime GenAI's model builder. (optimum-onnx would slot in here once it supports transformers 5.)"""
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
-               "-p", precision, "-e", "cpu"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        unsupported = next((l for l in result.stderr.splitlines() if "is not currently supported" in l), None)
+        unsupported = next((line for line in result.stderr.splitlines() if "is not currently supported" in line), None)
         if unsupported:
             raise NotImplementedError(unsupported.split(":", 1)[-1].strip())
         raise PipelineError(f"the ONNX model builder failed for {precision}:\n{result.stderr[-2000:]}")
@@ -117,17 +134,25 @@ def _torch_greedy(model_dir: Path, ids: list[list[int]], max_new_tokens: int) ->
     with torch.no_grad():
         for prompt in ids:
             first_logits.append(model(torch.tensor([prompt])).logits[0, -1].numpy())
-            output = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=list(stop_ids), pad_token_id=model.generation_config.pad_token_id)  # fmt: skip
+            output = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=list(stop_ids),
+                pad_token_id=model.generation_config.pad_token_id,
+            )
             tokens.append(output[0, len(prompt) :].tolist())
     return tokens, first_logits
 
 
-def _onnx_parity(model_dir: Path, onnx_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> dict[str, Any]:
+def _onnx_parity(
+    model_dir: Path, onnx_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]
+) -> dict[str, Any]:
     import numpy as np
 
     want_tokens, want_logits = _torch_greedy(model_dir, ids, max_new_tokens)
     got_tokens, got_logits = _onnx_greedy(onnx_dir, ids, max_new_tokens)
+
     # onnxruntime-genai keeps the stop token it ended on and may stop one step later; compare up to the stop.
     def trim(seq: list[int]) -> list[int]:
         cut = next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))
@@ -153,12 +178,14 @@ def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
         return "failed"
     raise PipelineError(
         f"the evaluation gates failed for this run (see {eval_dir / artifacts.REPORT_FILE}); export refuses a model "
-        f"that failed its gates. Fix the model, relax evaluate.gates, or export anyway with --allow-failed-gates "
-        f"(recorded in the export's manifest and serving.json)."
+        "that failed its gates. Fix the model, relax evaluate.gates, or export anyway with --allow-failed-gates "
+        "(recorded in the export's manifest and serving.json)."
     )
 
 
-def run(recipe: Recipe, *, force: bool = False, target: Sequence[str] | None = None, allow_failed_gates: bool = False) -> stages.Outcome:
+def run(
+    recipe: Recipe, *, force: bool = False, target: Sequence[str] | None = None, allow_failed_gates: bool = False
+) -> stages.Outcome:
     targets = list(target or recipe.export.targets)
     unknown = [t for t in targets if t not in ("hf", "onnx")]
     if unknown:
@@ -177,10 +204,14 @@ def run(recipe: Recipe, *, force: bool = False, target: Sequence[str] | None = N
         "targets": artifacts.setting_record("targets", sorted(targets)),
         "gates": artifacts.setting_record("gates", gates),
     }
-    return stages.execute(STAGE, recipe, lambda run: _export(recipe, run, final, targets, gates), force=force, inputs=inputs)
+    return stages.execute(
+        STAGE, recipe, lambda run: _export(recipe, run, final, targets, gates), force=force, inputs=inputs
+    )
 
 
-def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, targets: list[str], gates: str) -> stages.Result:
+def _export(
+    recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, targets: list[str], gates: str
+) -> stages.Result:
     work = run.begin()
     data_dir = recipe.run_dir / "data"
     model_dir = work / artifacts.MODEL_DIR
@@ -202,7 +233,7 @@ def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, target
     checks["merge_max_abs_logit_diff"] = _merge_parity(base, adapter, model_dir, recipe, ids)
     if checks["merge_max_abs_logit_diff"] > MERGE_TOLERANCE:
         raise ExportCheckFailed(
-            f"merge parity failed: the merged model's logits differ from base + adapter by "
+            "merge parity failed: the merged model's logits differ from base + adapter by "
             f"{checks['merge_max_abs_logit_diff']:.2e} (limit {MERGE_TOLERANCE:.0e}); nothing was exported."
         )
     checks["template_parity"] = _template_parity(tokenizer, model_dir, _parity_conversations(held), stop_ids)
@@ -211,18 +242,31 @@ def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, target
     parser = chat.tool_call_parser(tokenizer.chat_template)
     checks["tool_call_parser"] = parser
     if parser is None:
-        print("export: the chat template renders tool calls in no format a vLLM tool parser reads; the server will "
-              "answer tool requests as plain text (see README, Tool calling).")  # fmt: skip
+        print(
+            "export: the chat template renders tool calls in no format a vLLM tool parser reads; the server will "
+            "answer tool requests as plain text (see README, Tool calling)."
+        )
 
     lora = None
     if recipe.export.adapter_only and adapter is not None:
         shutil.copytree(adapter, work / artifacts.ADAPTER_DIR)
-        lora = {"name": f"{recipe.serve.served_model_name or recipe.run.name}-lora", "path": artifacts.ADAPTER_DIR, "base_model": str(Path(base).resolve())}
+        lora = {
+            "name": f"{recipe.serve.served_model_name or recipe.run.name}-lora",
+            "path": artifacts.ADAPTER_DIR,
+            "base_model": str(Path(base).resolve()),
+        }
     artifacts.write_serving_file(
-        work, served_model_name=recipe.serve.served_model_name or recipe.run.name, max_model_len=recipe.data.max_length,
-        dtype=recipe.model.dtype, stop_ids=stop_ids, stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),
-        tool_call_parser=parser, lora=lora, gates=gates, exported_from=final.name,
-    )  # fmt: skip
+        work,
+        served_model_name=recipe.serve.served_model_name or recipe.run.name,
+        max_model_len=recipe.data.max_length,
+        dtype=recipe.model.dtype,
+        stop_ids=stop_ids,
+        stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),
+        tool_call_parser=parser,
+        lora=lora,
+        gates=gates,
+        exported_from=final.name,
+    )
 
     if "onnx" in targets:
         checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, stop_ids)
@@ -230,7 +274,9 @@ def _export(recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, target
         shutil.rmtree(model_dir)  # the ONNX folders are self-contained; keep only what was asked for
         (work / artifacts.SERVING_FILE).unlink()
     onnx_summary = ", ".join(
-        f"{p} {v['agreement_rate']:.0%} greedy agreement" for p, v in checks.get("onnx", {}).items() if isinstance(v, dict)
+        f"{p} {v['agreement_rate']:.0%} greedy agreement"
+        for p, v in checks.get("onnx", {}).items()
+        if isinstance(v, dict)
     )
     warning = "; EXPORTED DESPITE FAILING GATES (--allow-failed-gates)" if gates == "failed" else ""
     return stages.Result(
@@ -249,28 +295,39 @@ def _parity_conversations(held: scoring.HeldOut) -> list[tuple[list[dict], Any]]
     return [(row["prompt"] + [{"role": "assistant", "content": row["reference"]}], row["tools"]) for row in chosen]
 
 
-def _export_onnx(recipe: Recipe, work: Path, model_dir: Path, ids: list[list[int]], stop_ids: list[int]) -> dict[str, Any]:
+def _export_onnx(
+    recipe: Recipe, work: Path, model_dir: Path, ids: list[list[int]], stop_ids: list[int]
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for precision in recipe.export.onnx_precisions:
         out = work / artifacts.ONNX_DIR / precision
         try:
             build_onnx(model_dir, out, precision)
         except NotImplementedError as reason:
-            message = f"ONNX export skipped: the ONNX Runtime GenAI builder does not support this architecture ({reason})"
+            message = (
+                f"ONNX export skipped: the ONNX Runtime GenAI builder does not support this architecture ({reason})"
+            )
             print(f"export: {message}; the hf/vLLM export is complete.")
             shutil.rmtree(work / artifacts.ONNX_DIR, ignore_errors=True)
             return {"status": "unsupported", "message": message}
         parity = _onnx_parity(model_dir, out, ids, recipe.evaluate.max_new_tokens, stop_ids)
         results[precision] = parity
-        if precision == "fp32" and (parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > ONNX_LOGIT_TOLERANCE):
+        if precision == "fp32" and (
+            parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > ONNX_LOGIT_TOLERANCE
+        ):
             raise ExportCheckFailed(f"ONNX fp32 parity failed against PyTorch: {parity}; nothing was exported.")
     return results
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", action="append", choices=("hf", "onnx"), help="export target (repeatable; default: export.targets)")
-    parser.add_argument("--allow-failed-gates", action="store_true",
-                        help="export although the evaluation gates failed; recorded in the manifest and serving.json")  # fmt: skip
+    parser.add_argument(
+        "--target", action="append", choices=("hf", "onnx"), help="export target (repeatable; default: export.targets)"
+    )
+    parser.add_argument(
+        "--allow-failed-gates",
+        action="store_true",
+        help="export although the evaluation gates failed; recorded in the manifest and serving.json",
+    )
 
 
 main = cli.stage_main(STAGE, run, _arguments)

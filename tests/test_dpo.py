@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts, stages
 from pipeline import dpo, sft
+from pipeline.core import artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
 
@@ -18,19 +18,40 @@ from test_sft import losses, no_pickles, prepare, signal_paused, start_paused_at
 
 
 def dpo_recipe(
-    tmp_path: Path, sft_method: str = "lora", dpo_method: str = "lora", *, with_pairs: bool = True,
-    sections: dict | None = None, sft_settings: dict | None = None, **dpo_settings,
-) -> Path:  # fmt: skip
+    tmp_path: Path,
+    sft_method: str = "lora",
+    dpo_method: str = "lora",
+    *,
+    with_pairs: bool = True,
+    sections: dict | None = None,
+    sft_settings: dict | None = None,
+    **dpo_settings,
+) -> Path:
     sources = [{"path": str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(64)))}]
     if with_pairs:
         sources.append({"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(80)))})
     lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
-    dpo_section = {"method": dpo_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 8,
-                   "logging_steps": 1, "save_steps": 100, "lora": lora, **dpo_settings}  # fmt: skip
+    dpo_section = {
+        "method": dpo_method,
+        "global_batch_size": 8,
+        "learning_rate": 5e-3,
+        "max_steps": 8,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "lora": lora,
+        **dpo_settings,
+    }
     return write_recipe(
         tmp_path,
         sources,
-        sft={"method": sft_method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 6, "lora": lora, **(sft_settings or {})},
+        sft={
+            "method": sft_method,
+            "global_batch_size": 8,
+            "learning_rate": 5e-3,
+            "max_steps": 6,
+            "lora": lora,
+            **(sft_settings or {}),
+        },
         dpo=dpo_section,
         **(sections or {}),
     )
@@ -75,8 +96,9 @@ def test_dpo_on_a_lora_sft_merges_it_in_full_precision(tmp_path: Path) -> None:
 
 
 def test_a_combined_loss_is_also_measured_term_by_term_on_the_held_out_pairs(tmp_path: Path) -> None:
-    recipe = prepare_with_sft(dpo_recipe(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
-                                         eval_strategy="steps", eval_steps=4))  # fmt: skip
+    recipe = prepare_with_sft(
+        dpo_recipe(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], eval_strategy="steps", eval_steps=4)
+    )
     dpo.run(recipe)
     out = recipe.run_dir / "dpo"
     evaluations = [e for e in json.loads((out / artifacts.LOG_HISTORY).read_text()) if "eval_loss" in e]
@@ -127,11 +149,15 @@ def test_dpo_sigterm_saves_and_a_rerun_resumes(tmp_path: Path) -> None:
 
 def test_missing_preference_data_says_how_to_get_it(tmp_path: Path) -> None:
     recipe = prepare_with_sft(dpo_recipe(tmp_path, with_pairs=False))
-    with pytest.raises(MissingArtifactError, match=r"has no preference pairs\. Add a source with prompt/chosen/rejected"):
+    with pytest.raises(
+        MissingArtifactError, match=r"has no preference pairs\. Add a source with prompt/chosen/rejected"
+    ):
         dpo.run(recipe)
 
 
 def test_missing_sft_artifact_names_the_command(tmp_path: Path) -> None:
     recipe = prepare(dpo_recipe(tmp_path))
-    with pytest.raises(MissingArtifactError, match=r"the dpo stage needs the 'sft' artifact.*accelerate launch pipeline/sft\.py"):
+    with pytest.raises(
+        MissingArtifactError, match=r"the dpo stage needs the 'sft' artifact.*accelerate launch pipeline/sft\.py"
+    ):
         dpo.run(recipe)

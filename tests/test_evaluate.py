@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts
 from pipeline import evaluate
+from pipeline.core import artifacts
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError, PipelineError
 
@@ -32,7 +32,16 @@ def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
     metrics = json.loads((eval_dir / artifacts.METRICS_FILE).read_text())
     assert list(metrics["models"]) == ["base", "sft"]
     for scores in metrics["models"].values():
-        assert {"exact_match", "rouge1", "rougeL", "sacrebleu", "perplexity", "preference_accuracy", "mean_margin", "chosen_match"} <= set(scores)
+        assert {
+            "exact_match",
+            "rouge1",
+            "rougeL",
+            "sacrebleu",
+            "perplexity",
+            "preference_accuracy",
+            "mean_margin",
+            "chosen_match",
+        } <= set(scores)
         assert scores["perplexity"] > 1
         assert set(scores["by_source"]) == {s.label for s in recipe.data.sources}
     manifest = json.loads((eval_dir / artifacts.MANIFEST).read_text())
@@ -41,14 +50,19 @@ def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
 
 
 def test_a_failed_gate_exits_non_zero_with_a_table_and_keeps_the_report(small_run: Path) -> None:
-    result = run_module("pipeline.evaluate", "--config", str(small_run), "evaluate.backend=hf",
-                        "evaluate.gates={sft.exact_match: 0.99, sft-base.perplexity: 0.0}")  # fmt: skip
+    result = run_module(
+        "pipeline.evaluate",
+        "--config",
+        str(small_run),
+        "evaluate.backend=hf",
+        "evaluate.gates={sft.exact_match: 0.99, sft-base.perplexity: 0.0}",
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "evaluation gates failed: sft.exact_match" in result.stderr and "Traceback" not in result.stderr
     assert f"python -m pipeline.export --config {small_run} --allow-failed-gates" in result.stderr
     assert "| sft.exact_match |" in result.stderr and "FAIL" in result.stderr
     assert "| sft-base.perplexity |" in result.stderr  # lower perplexity than base passes
-    line = next(l for l in result.stderr.splitlines() if l.startswith("| sft-base.perplexity"))
+    line = next(row for row in result.stderr.splitlines() if row.startswith("| sft-base.perplexity"))
     assert line.rstrip().endswith("| pass |")
     recipe = load_recipe(small_run, ["evaluate.backend=hf"])
     assert (recipe.run_dir / "eval" / artifacts.REPORT_FILE).is_file()
@@ -67,21 +81,48 @@ def test_no_model_artifacts_names_the_stage_to_run(tmp_path: Path) -> None:
 def test_tool_calls_are_scored_even_without_text_answers(tmp_path: Path) -> None:
     """Held-out conversations that end in a tool call have no text to match, but their calls are scored."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    rows = [{"messages": [{"role": "user", "content": f"call tool {i}"},
-                          {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
-             "tools": tools} for i in range(30)]  # fmt: skip
-    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "tools.jsonl", rows))}], evaluate={"backend": "hf"})
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"call tool {i}"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+            ],
+            "tools": tools,
+        }
+        for i in range(30)
+    ]
+    path = write_recipe(
+        tmp_path, [{"path": str(write_jsonl(tmp_path / "tools.jsonl", rows))}], evaluate={"backend": "hf"}
+    )
     recipe = prepare(path)
     evaluate.run(recipe)
     scores = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())["models"]["base"]
-    assert "exact_match" not in scores and {"tool_call_rate", "tool_name_accuracy", "tool_arguments_accuracy"} <= set(scores)
+    assert "exact_match" not in scores and {"tool_call_rate", "tool_name_accuracy", "tool_arguments_accuracy"} <= set(
+        scores
+    )
 
 
 def test_a_held_out_split_with_nothing_to_evaluate(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"call tool {i}"},
-                          {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}
-            for i in range(30)]  # fmt: skip
-    path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "calls.jsonl", rows))}], evaluate={"backend": "hf"})
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"call tool {i}"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+            ]
+        }
+        for i in range(30)
+    ]
+    path = write_recipe(
+        tmp_path, [{"path": str(write_jsonl(tmp_path / "calls.jsonl", rows))}], evaluate={"backend": "hf"}
+    )
     recipe = prepare(path)
     with pytest.raises(PipelineError, match=r"has nothing to evaluate: no held-out answer with text, no tool call"):
         evaluate.run(recipe)
@@ -101,11 +142,18 @@ def test_tool_call_scores_read_calls_as_the_hermes_parser_does() -> None:
         "4",
     ]
     scores = scoring.tool_call_scores(outputs, [due, due, due, due, due, [], []])
-    assert scores == {"tool_call_rate": 3 / 5, "tool_name_accuracy": 2 / 5, "tool_arguments_accuracy": 1 / 5, "tool_false_call_rate": 1 / 2}
+    assert scores == {
+        "tool_call_rate": 3 / 5,
+        "tool_name_accuracy": 2 / 5,
+        "tool_arguments_accuracy": 1 / 5,
+        "tool_false_call_rate": 1 / 2,
+    }
 
 
 def test_unknown_metric_lists_the_shipped_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'bertscore' is not shipped; the shipped metrics are: exact_match, rouge, sacrebleu"):
+    with pytest.raises(
+        ConfigError, match=r"'bertscore' is not shipped; the shipped metrics are: exact_match, rouge, sacrebleu"
+    ):
         load_recipe(dpo_recipe(tmp_path), ["evaluate.metrics=[exact_match, bertscore]"])
 
 
@@ -115,10 +163,18 @@ def test_malformed_gate_key(tmp_path: Path) -> None:
 
 
 def test_a_gate_on_one_source_reads_that_sources_held_out_rows(tmp_path: Path) -> None:
-    results = {"sft": {"exact_match": 0.8, "by_source": {"data/tools.jsonl": {"exact_match": 0.6}}},
-               "dpo": {"exact_match": 0.9, "by_source": {"data/tools.jsonl": {"exact_match": 0.2}}}}  # fmt: skip
-    gates = evaluate.check_gates({"dpo-sft.exact_match": -0.05, "dpo-sft.exact_match@data/tools.jsonl": -0.3,
-                                  "dpo.exact_match@data/other.jsonl": 0.1}, results)  # fmt: skip
+    results = {
+        "sft": {"exact_match": 0.8, "by_source": {"data/tools.jsonl": {"exact_match": 0.6}}},
+        "dpo": {"exact_match": 0.9, "by_source": {"data/tools.jsonl": {"exact_match": 0.2}}},
+    }
+    gates = evaluate.check_gates(
+        {
+            "dpo-sft.exact_match": -0.05,
+            "dpo-sft.exact_match@data/tools.jsonl": -0.3,
+            "dpo.exact_match@data/other.jsonl": 0.1,
+        },
+        results,
+    )
     assert [(g["passed"], g["value"]) for g in gates[:2]] == [(True, pytest.approx(0.1)), (False, pytest.approx(-0.4))]
     assert not gates[2]["passed"] and gates[2]["why"] == "no exact_match on source data/other.jsonl for dpo"
     recipe = dpo_recipe(tmp_path)
@@ -142,16 +198,27 @@ def test_hf_answers_stop_at_the_context_length_as_the_server_stops_them() -> Non
     """A prompt close to the context length gets only the tokens left before it (engines.new_token_budget), as vLLM's
     server with --max-model-len gives; a prompt that fills it gets no answer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from pipeline.core import engines
 
     torch.manual_seed(0)
     vocab = {f"t{i}": i for i in range(64)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0"
+    )
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
     model.generation_config.eos_token_id = [63]  # a token the prompts do not end on; random weights rarely pick it
     prompts = [list(range(1, 9)), list(range(1, 29)), list(range(1, 33))]
     free = engines.hf_generate(model, tokenizer, prompts, 8)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts
 from pipeline import dpo, export
+from pipeline.core import artifacts
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
 
@@ -42,10 +42,17 @@ def test_hf_export_is_safetensors_with_every_stop_token_and_a_serving_file(expor
     serving = json.loads((out / artifacts.SERVING_FILE).read_text())
     assert serving["max_model_len"] == recipe.data.max_length and serving["stop_token_ids"] == sorted(stops)
     assert serving["served_model_name"] == recipe.run.name and (out / serving["chat_template"]).is_file()
-    assert serving["lora"]["path"] == artifacts.ADAPTER_DIR and (out / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (
+        serving["lora"]["path"] == artifacts.ADAPTER_DIR
+        and (out / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Is 4 even or odd?"}], add_generation_prompt=True,
-                                        return_dict=True, return_tensors="pt")  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is 4 even or odd?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     output = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > ids["input_ids"].shape[1]
 
@@ -65,8 +72,8 @@ def test_the_stage_records_its_parity_checks(exported) -> None:
 
 def test_a_qlora_trained_adapter_merges_into_full_precision_weights(exported) -> None:
     out, _ = exported
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     weights = load_file(str(out / artifacts.MODEL_DIR / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
@@ -96,6 +103,7 @@ def test_onnx_export_tokenizes_and_generates_as_pytorch_does(exported) -> None:
     onnx_tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
     torch_tokens, _ = export._torch_greedy(out / artifacts.MODEL_DIR, [prompt], 8)
     stops = set(artifacts.read_serving_file(out)["stop_token_ids"])
+
     def until_stop(tokens: list[int]) -> list[int]:
         return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
 
@@ -104,7 +112,13 @@ def test_onnx_export_tokenizes_and_generates_as_pytorch_does(exported) -> None:
 
 def test_export_with_no_trained_model(tmp_path: Path) -> None:
     recipe = prepare(dpo_recipe(tmp_path))
-    with pytest.raises(MissingArtifactError, match=r"the export stage needs a trained model, but .* has no complete sft or dpo artifact\. Run `accelerate launch pipeline/sft\.py"):
+    with pytest.raises(
+        MissingArtifactError,
+        match=(
+            r"the export stage needs a trained model, but .* has no complete sft or dpo artifact\. Run `accelerate"
+            r" launch pipeline/sft\.py"
+        ),
+    ):
         export.run(recipe, target=["hf"])
 
 
@@ -113,7 +127,9 @@ def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, m
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"needs onnxruntime-genai.*install the `onnx` extra"):
         export.run(recipe, target=["onnx"])
 
@@ -125,19 +141,28 @@ def test_unsupported_architecture_skips_onnx_and_still_exports_hf(tmp_path: Path
     export.run(recipe, target=["hf", "onnx"])
     out = recipe.run_dir / "export"
     checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
-    assert checks["onnx"]["status"] == "unsupported" and "does not support this architecture" in checks["onnx"]["message"]
+    assert (
+        checks["onnx"]["status"] == "unsupported" and "does not support this architecture" in checks["onnx"]["message"]
+    )
     assert (out / artifacts.MODEL_DIR / "model.safetensors").is_file() and not (out / artifacts.ONNX_DIR).exists()
 
 
 def test_export_refuses_a_failed_gate_unless_allowed_and_records_it(tmp_path: Path) -> None:
-    path = dpo_recipe(tmp_path, sft_method="full", sections={"evaluate": {"backend": "hf", "gates": {"sft.exact_match": 0.99}}})
+    path = dpo_recipe(
+        tmp_path, sft_method="full", sections={"evaluate": {"backend": "hf", "gates": {"sft.exact_match": 0.99}}}
+    )
     prepare_with_sft(path)
     assert run_module("pipeline.evaluate", "--config", str(path)).returncode == 2
     refused = run_module("pipeline.export", "--config", str(path), "--target", "hf")
-    assert refused.returncode == 2 and "export refuses a model that failed its gates" in " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "export refuses a model that failed its gates" in " ".join(
+        refused.stderr.split()
+    )
     assert "--allow-failed-gates" in refused.stderr
     allowed = run_module("pipeline.export", "--config", str(path), "--target", "hf", "--allow-failed-gates")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "EXPORTED DESPITE FAILING GATES" in allowed.stdout
     out = load_recipe(path).run_dir / "export"
-    assert artifacts.read_manifest(out)["metrics"]["gates"] == "failed" and artifacts.read_serving_file(out)["gates"] == "failed"
+    assert (
+        artifacts.read_manifest(out)["metrics"]["gates"] == "failed"
+        and artifacts.read_serving_file(out)["gates"] == "failed"
+    )

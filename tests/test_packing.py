@@ -67,8 +67,9 @@ def _compare(packed, separate: list, rows: list[list[int]]) -> float:
     return worst
 
 
-def packed_against_separate(attn_implementation: str, device: str = "cpu", pad_to_multiple_of: int | None = None,
-                            backward: bool = True) -> tuple[float, float | None]:  # fmt: skip
+def packed_against_separate(
+    attn_implementation: str, device: str = "cpu", pad_to_multiple_of: int | None = None, backward: bool = True
+) -> tuple[float, float | None]:
     """The rows packed into one micro-batch against each row alone: the largest log-prob difference, and (with
     `backward`) the largest gradient difference of their sums, relative to each weight's largest gradient."""
     import torch
@@ -91,7 +92,9 @@ def packed_against_separate(attn_implementation: str, device: str = "cpu", pad_t
     difference = _compare(packed.detach().cpu(), [s.detach().cpu() for s in separate], rows)
     if not backward:
         return difference, None
-    return difference, max(((packed_grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in model.named_parameters())
+    return difference, max(
+        ((packed_grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in model.named_parameters()
+    )
 
 
 # A row that sees the rows before it moves the gradients by 22% to 137% of each weight's largest gradient (measured
@@ -150,13 +153,20 @@ def test_long_padding_free_micro_batches_need_attention_within_rows(attention: s
         _checked("configs/qwen2.5-0.5b-qlora.yaml", f"model.attn_implementation={attention}")
     message = str(caught.value)
     assert "64 rows x 1024 tokens" in message and "2,048" in message
-    for option in ("flash_attention_2", "kernels-community/flash-attn2", "flex_attention", "sft.packing: false",
-                   "sft.per_device_train_batch_size: 2"):  # fmt: skip
+    for option in (
+        "flash_attention_2",
+        "kernels-community/flash-attn2",
+        "flex_attention",
+        "sft.packing: false",
+        "sft.per_device_train_batch_size: 2",
+    ):
         assert option in message
 
 
-@pytest.mark.parametrize("attention", ["flash_attention_3", "flex_attention", "kernels-community/flash-attn2",
-                                       "kernels-community/vllm-flash-attn3"])  # fmt: skip
+@pytest.mark.parametrize(
+    "attention",
+    ["flash_attention_3", "flex_attention", "kernels-community/flash-attn2", "kernels-community/vllm-flash-attn3"],
+)
 def test_attention_within_rows_packs_any_micro_batch(attention: str) -> None:
     _checked("configs/qwen2.5-0.5b-qlora.yaml", f"model.attn_implementation={attention}")
 

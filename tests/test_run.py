@@ -23,7 +23,9 @@ from test_sft import wait_for
 SMALL = ["evaluate.backend=hf", "export.targets=[hf]"]
 
 
-def test_second_run_runs_nothing_and_one_sft_change_reruns_from_sft(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_second_run_runs_nothing_and_one_sft_change_reruns_from_sft(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = dpo_recipe(tmp_path, sections={"evaluate": {"gates": {"sft.exact_match": 0.0}}})
     first = pipeline_run.run(load_recipe(path, SMALL), SMALL)
     recipe_stages = [s.name for s in stages.STAGES if s.applies(load_recipe(path, SMALL))]
@@ -38,8 +40,13 @@ def test_second_run_runs_nothing_and_one_sft_change_reruns_from_sft(tmp_path: Pa
     changed = [*SMALL, "sft.learning_rate=1e-3"]
     third = pipeline_run.run(load_recipe(path, changed), changed)
     assert {r["stage"]: r["status"] for r in third} == {
-        "data": "skipped", "base": "skipped", "sft": "ran", "dpo": "ran", "eval": "ran", "export": "ran",
-    }  # fmt: skip
+        "data": "skipped",
+        "base": "skipped",
+        "sft": "ran",
+        "dpo": "ran",
+        "eval": "ran",
+        "export": "ran",
+    }
 
 
 def test_from_and_to_select_stages_and_a_failure_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

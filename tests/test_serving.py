@@ -40,10 +40,18 @@ GREEDY_TOLERANCE = 1e-3
 # Routes vLLM left open with a key set; /openapi.json lists the others (and some of these).
 UNLISTED_ROUTES = [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]
 ROUTES_VLLM_LEFT_OPEN = [
-    ("POST", "/invocations"), ("POST", "/generative_scoring"), ("POST", "/scale_elastic_ep"), ("POST", "/tokenize"),
-    ("POST", "/detokenize"), ("GET", "/metrics"), ("GET", "/version"), ("GET", "/load"), ("GET", "/kv_event_sources"),
-    ("GET", "/ping"), *UNLISTED_ROUTES,
-]  # fmt: skip
+    ("POST", "/invocations"),
+    ("POST", "/generative_scoring"),
+    ("POST", "/scale_elastic_ep"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/metrics"),
+    ("GET", "/version"),
+    ("GET", "/load"),
+    ("GET", "/kv_event_sources"),
+    ("GET", "/ping"),
+    *UNLISTED_ROUTES,
+]
 
 
 def start_server(artifact: Path, log: Path, *options: str) -> tuple[subprocess.Popen, int]:
@@ -62,9 +70,17 @@ def server(default_pipeline: dict, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serving") / "server.log"
     process, port = start_server(artifact, log)
     try:
-        yield {"process": process, "port": port, "artifact": artifact, "recipe": recipe, "log": log, "url": f"http://127.0.0.1:{port}",
-               "name": serving["served_model_name"], "max_model_len": serving["max_model_len"],
-               "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)}  # fmt: skip
+        yield {
+            "process": process,
+            "port": port,
+            "artifact": artifact,
+            "recipe": recipe,
+            "log": log,
+            "url": f"http://127.0.0.1:{port}",
+            "name": serving["served_model_name"],
+            "max_model_len": serving["max_model_len"],
+            "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0),
+        }
     finally:
         server_process.stop(process)
 
@@ -100,9 +116,15 @@ def hit(client: httpx.Client, method: str, path: str, headers: dict) -> httpx.Re
 def test_health_is_open_and_every_other_route_needs_the_key(server) -> None:
     url = server["url"]
     listed = httpx.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()["paths"]
-    routes = {(method.upper(), path) for path, methods in listed.items() for method in methods} | set(ROUTES_VLLM_LEFT_OPEN)
+    routes = {(method.upper(), path) for path, methods in listed.items() for method in methods} | set(
+        ROUTES_VLLM_LEFT_OPEN
+    )
     assert ("GET", "/health") in routes and len(routes) > 20
-    denied = {"no key": {}, "wrong key": {"Authorization": "Bearer wrong"}, "key without Bearer": {"Authorization": API_KEY}}
+    denied = {
+        "no key": {},
+        "wrong key": {"Authorization": "Bearer wrong"},
+        "key without Bearer": {"Authorization": API_KEY},
+    }
     with httpx.Client(base_url=url, timeout=60) as client:
         for method, path in sorted(routes):
             path = path.replace("{response_id}", "resp_0")
@@ -114,8 +136,10 @@ def test_health_is_open_and_every_other_route_needs_the_key(server) -> None:
                     assert_openai_error(response, 401)
             response = hit(client, method, path, {"Authorization": f"Bearer {API_KEY}"})
             assert response.status_code != 401, (method, path, response.text)
-    print(f"{len(routes)} routes ({len(listed)} paths in /openapi.json): 401 without a key, with a wrong one and with one "
-          f"without 'Bearer', except GET /health; none 401 with the key")  # fmt: skip
+    print(
+        f"{len(routes)} routes ({len(listed)} paths in /openapi.json): 401 without a key, with a wrong one and with one"
+        " without 'Bearer', except GET /health; none 401 with the key"
+    )
     with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     assert set(refused.value.body) == ERROR_FIELDS
@@ -127,8 +151,9 @@ def test_health_is_open_and_every_other_route_needs_the_key(server) -> None:
 
 def served_view(message) -> tuple[str, list[dict]]:  # noqa: ANN001 - an openai ChatCompletionMessage
     """(content, calls) as a client reads them: the form `chat.served_reply` gives for generated text."""
-    return (message.content or "").strip(), [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
-                                             for c in message.tool_calls or []]  # fmt: skip
+    return (message.content or "").strip(), [
+        {"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in message.tool_calls or []
+    ]
 
 
 def assert_served_as_hf(reply, prompt_ids: list[int], model, tokenizer) -> float:  # noqa: ANN001 - openai reply, HF model
@@ -155,11 +180,17 @@ def test_served_answers_are_the_hf_greedy_answers_of_the_export(server, held_out
 
     model = AutoModelForCausalLM.from_pretrained(str(server["artifact"] / "model"))
     gaps = []
-    for row, ids in zip(rows, engines.prompt_ids(tokenizer, [row["prompt"] for row in rows], [row["tools"] for row in rows])):
+    for row, ids in zip(
+        rows, engines.prompt_ids(tokenizer, [row["prompt"] for row in rows], [row["tools"] for row in rows])
+    ):
         reply = server["client"].chat.completions.create(
-            model=server["name"], messages=openai_messages(row["prompt"]), max_tokens=16, temperature=0,
-            extra_body={"return_token_ids": True}, **({"tools": row["tools"]} if row["tools"] else {}),
-        )  # fmt: skip
+            model=server["name"],
+            messages=openai_messages(row["prompt"]),
+            max_tokens=16,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+            **({"tools": row["tools"]} if row["tools"] else {}),
+        )
         assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
         gaps.append(assert_served_as_hf(reply, ids, model, tokenizer))
     print(f"largest logit gap between a served token and HF's greedy choice: {max(gaps):.2e}")
@@ -167,13 +198,24 @@ def test_served_answers_are_the_hf_greedy_answers_of_the_export(server, held_out
 
 def test_text_completion_and_streaming(server) -> None:
     client, name = server["client"], server["name"]
-    completion = client.completions.create(model=name, prompt="<|im_start|>user\nIs 8 even or odd?<|im_end|>\n<|im_start|>assistant\n",
-                                           max_tokens=8, temperature=0)  # fmt: skip
+    completion = client.completions.create(
+        model=name,
+        prompt="<|im_start|>user\nIs 8 even or odd?<|im_end|>\n<|im_start|>assistant\n",
+        max_tokens=8,
+        temperature=0,
+    )
     assert completion.choices[0].text.strip()
     messages = [{"role": "user", "content": "What kind of thing is falcon?"}]
-    whole = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0).choices[0].message.content
-    chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=name, messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices]  # fmt: skip
+    whole = (
+        client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )
+    chunks = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0, stream=True)
+        if c.choices
+    ]
     assert len([c for c in chunks if c]) >= 1 and "".join(chunks) == whole
 
 
@@ -184,15 +226,33 @@ def test_text_completion_and_streaming(server) -> None:
         ({"messages": [{"role": "user", "content": "word " * 400}]}, "BadRequestError", "context length"),
         ({"messages": []}, "BadRequestError", ""),
         ({"model": "no-such-model"}, "NotFoundError", "no-such-model"),
-        ({"messages": [{"role": "wizard", "content": "Is 3 even or odd?"}]}, "BadRequestError", "unknown role 'wizard'"),
-        ({"n": middleware.DEFAULT_MAX_N + 1, "temperature": 1.0}, "BadRequestError", f"at most {middleware.DEFAULT_MAX_N} sequences"),
+        (
+            {"messages": [{"role": "wizard", "content": "Is 3 even or odd?"}]},
+            "BadRequestError",
+            "unknown role 'wizard'",
+        ),
+        (
+            {"n": middleware.DEFAULT_MAX_N + 1, "temperature": 1.0},
+            "BadRequestError",
+            f"at most {middleware.DEFAULT_MAX_N} sequences",
+        ),
         ({"max_tokens": 10_000}, "BadRequestError", "more than this server allows ("),
         ({"max_completion_tokens": 10_000}, "BadRequestError", "more than this server allows ("),
     ],
-    ids=["negative-max-tokens", "prompt-longer-than-model", "empty-messages", "unknown-model", "unknown-role", "n-over-limit",
-         "max-tokens-over-limit", "max-completion-tokens-over-limit"],
-)  # fmt: skip
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, request_kwargs: dict, error: str, says: str) -> None:
+    ids=[
+        "negative-max-tokens",
+        "prompt-longer-than-model",
+        "empty-messages",
+        "unknown-model",
+        "unknown-role",
+        "n-over-limit",
+        "max-tokens-over-limit",
+        "max-completion-tokens-over-limit",
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
+    server, request_kwargs: dict, error: str, says: str
+) -> None:
     kwargs = {"model": server["name"], "messages": [{"role": "user", "content": "Is 3 even or odd?"}], "max_tokens": 4}
     kwargs.update(request_kwargs)
     with pytest.raises(getattr(openai, error)) as caught:
@@ -204,22 +264,33 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, req
 
 def test_a_batch_of_prompts_counts_against_the_limit_on_n(server) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        server["client"].completions.create(model=server["name"], prompt=["Say a.", "Say b.", "Say c."], n=3, max_tokens=2)
-    assert caught.value.body["param"] == "n" and "9 sequences (n=3 for each of 3 prompts)" in caught.value.body["message"]
+        server["client"].completions.create(
+            model=server["name"], prompt=["Say a.", "Say b.", "Say c."], n=3, max_tokens=2
+        )
+    assert (
+        caught.value.body["param"] == "n" and "9 sequences (n=3 for each of 3 prompts)" in caught.value.body["message"]
+    )
     # One prompt as token ids is one prompt, not a batch.
-    ids = server["client"].completions.create(model=server["name"], prompt=[5, 6, 7, 8, 9, 10, 11, 12, 13], max_tokens=2)
+    ids = server["client"].completions.create(
+        model=server["name"], prompt=[5, 6, 7, 8, 9, 10, 11, 12, 13], max_tokens=2
+    )
     assert len(ids.choices) == 1
 
 
 def test_bodies_vllm_cannot_read_get_a_400_in_openais_shape(server) -> None:
     """Invalid UTF-8 got FastAPI's {"detail": ...}; JSON nested too deeply for Python's parser got a 500."""
     model = server["name"].encode()
-    bodies = {b'{"model": "' + model + b'", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}': "not valid UTF-8",
-              b'{"model": "' + model + b'", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": "nests JSON too deeply"}  # fmt: skip
+    bodies = {
+        b'{"model": "' + model + b'", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}': "not valid UTF-8",
+        b'{"model": "' + model + b'", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": "nests JSON too deeply",
+    }
     for body, says in bodies.items():
         for route in ("/v1/chat/completions", "/v1/completions", "/tokenize"):
-            response = httpx.post(server["url"] + route, content=body, headers={"Authorization": f"Bearer {API_KEY}",
-                                                                                 "content-type": "application/json"})  # fmt: skip
+            response = httpx.post(
+                server["url"] + route,
+                content=body,
+                headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+            )
             assert says in assert_openai_error(response, 400)["message"]
 
 
@@ -230,7 +301,9 @@ def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> N
 
     def small(_: int = 0) -> tuple[float, float]:
         started = time.perf_counter()
-        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Is 7 even or odd?"}], max_tokens=4, temperature=0)
+        client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Is 7 even or odd?"}], max_tokens=4, temperature=0
+        )
         return time.perf_counter() - started, time.perf_counter()
 
     alone = sorted(small()[0] for _ in range(3))[1]
@@ -239,10 +312,18 @@ def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> N
     def biggest() -> None:
         started = time.perf_counter()
         # n at its limit, as many tokens as the model length leaves after the prompt, no early stop.
-        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say falcon."}], n=middleware.DEFAULT_MAX_N,
-                                               max_tokens=server["max_model_len"] - PROMPT_ROOM, temperature=1.0, seed=0,
-                                               extra_body={"ignore_eos": True})  # fmt: skip
-        big.update(seconds=time.perf_counter() - started, finished=time.perf_counter(), tokens=reply.usage.completion_tokens)
+        reply = client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": "Say falcon."}],
+            n=middleware.DEFAULT_MAX_N,
+            max_tokens=server["max_model_len"] - PROMPT_ROOM,
+            temperature=1.0,
+            seed=0,
+            extra_body={"ignore_eos": True},
+        )
+        big.update(
+            seconds=time.perf_counter() - started, finished=time.perf_counter(), tokens=reply.usage.completion_tokens
+        )
 
     thread = threading.Thread(target=biggest)
     thread.start()
@@ -252,8 +333,10 @@ def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> N
     thread.join()
     latency = sorted(seconds for seconds, _ in beside)[1]
     overlapped = sum(done < big["finished"] for _, done in beside)
-    print(f"4-token request alone {alone:.2f} s, beside the biggest allowed request ({big['tokens']} tokens, {big['seconds']:.1f} s) "
-          f"{latency:.2f} s ({overlapped} of 3 answered while it ran)")  # fmt: skip
+    print(
+        f"4-token request alone {alone:.2f} s, beside the biggest allowed request ({big['tokens']} tokens,"
+        f" {big['seconds']:.1f} s) {latency:.2f} s ({overlapped} of 3 answered while it ran)"
+    )
     # Continuous batching lets the small requests join the running batch instead of waiting for the big one to end
     # (before the limits: 68 s of its 72 s). Measured on a 2-core machine: 0.04 s beside a 0.4 s big request when
     # idle, 1.4 s beside a 3.1 s one with a benchmark running on both cores; the bound scales with that load.
@@ -264,8 +347,9 @@ def test_32_concurrent_requests_all_succeed(server) -> None:
     client, name = server["client"], server["name"]
 
     def ask(i: int) -> str:
-        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": f"Is {i} even or odd?"}],
-                                               max_tokens=8, temperature=0)  # fmt: skip
+        reply = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": f"Is {i} even or odd?"}], max_tokens=8, temperature=0
+        )
         return reply.choices[0].message.content
 
     with ThreadPoolExecutor(max_workers=32) as pool:
@@ -279,16 +363,35 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
 
     port = server_process.free_port()
     ui = subprocess.Popen(
-        [sys.executable, "-m", "serving.chat_ui", "--base-url", f"{server['url']}/v1", "--model", server["name"], "--ui-port", str(port)],
-        cwd=REPO, env={**os.environ, **KEY_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "serving.chat_ui",
+            "--base-url",
+            f"{server['url']}/v1",
+            "--model",
+            server["name"],
+            "--ui-port",
+            str(port),
+        ],
+        cwd=REPO,
+        env={**os.environ, **KEY_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         server_process.wait_healthy(port, ui, timeout=120, route="/")
         question = "What kind of thing is falcon?"
         answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(question, api_name="/respond")
-        expected = server["client"].chat.completions.create(
-            model=server["name"], messages=[{"role": "user", "content": question}], temperature=0
-        ).choices[0].message.content
+        expected = (
+            server["client"]
+            .chat.completions.create(
+                model=server["name"], messages=[{"role": "user", "content": question}], temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
         assert answer == expected
     finally:
         server_process.stop(ui, grace=30)
@@ -300,7 +403,9 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
 @pytest.fixture(scope="module")
 def held_out(server) -> scoring.HeldOut:
     recipe = server["recipe"]
-    held = scoring.HeldOut.load(recipe.run_dir / "data", chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR), recipe)
+    held = scoring.HeldOut.load(
+        recipe.run_dir / "data", chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR), recipe
+    )
     assert all(row["tools"] == make_data.TOOL_SCHEMAS for row in held.sets["tool_calls"])
     return held
 
@@ -314,13 +419,21 @@ def served_calls(message) -> list[dict]:  # noqa: ANN001 - an openai ChatComplet
 
 
 def ask_with_tools(server, messages: list[dict], **kwargs):  # noqa: ANN201 - an openai ChatCompletion
-    return server["client"].chat.completions.create(model=server["name"], messages=openai_messages(messages), tools=make_data.TOOL_SCHEMAS,
-                                                    temperature=0, max_tokens=server["recipe"].evaluate.max_new_tokens, **kwargs)  # fmt: skip
+    return server["client"].chat.completions.create(
+        model=server["name"],
+        messages=openai_messages(messages),
+        tools=make_data.TOOL_SCHEMAS,
+        temperature=0,
+        max_tokens=server["recipe"].evaluate.max_new_tokens,
+        **kwargs,
+    )
 
 
 def test_held_out_tool_prompts_get_structured_calls_as_accurate_as_offline(server, held_out: scoring.HeldOut) -> None:
     rows = calls_due(held_out)
-    offline = json.loads((server["recipe"].run_dir / "eval" / artifacts.METRICS_FILE).read_text())["models"]["dpo"]["tool_arguments_accuracy"]
+    offline = json.loads((server["recipe"].run_dir / "eval" / artifacts.METRICS_FILE).read_text())["models"]["dpo"][
+        "tool_arguments_accuracy"
+    ]
     hits = 0
     for row in rows:
         reply = ask_with_tools(server, row["prompt"])
@@ -367,8 +480,17 @@ def test_the_tool_result_sent_back_gets_the_answer_hf_gives(server, held_out: sc
     conversations = [row["prompt"] for row in after_tool]
     question, call = first_served_call(server, held_out)
     result = "sunny" if call.tool_calls[0].function.name == "get_weather" else "night"
-    calls = [{"type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}} for c in call.tool_calls]
-    conversations.append([*question["prompt"], {"role": "assistant", "content": "", "tool_calls": calls}, {"role": "tool", "content": result}])
+    calls = [
+        {"type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in call.tool_calls
+    ]
+    conversations.append(
+        [
+            *question["prompt"],
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": result},
+        ]
+    )
     assert len(conversations) > 1
 
     # HF renders as training did: the training tokenizer, the arguments as JSON strings, the schemas as stored.
@@ -386,7 +508,9 @@ def test_the_tool_result_sent_back_gets_the_answer_hf_gives(server, held_out: sc
 FORCED_TEXTS = {
     "call-fragments": 'foggytool_weather", "arguments": "arguments": {"city": {"city": "Parismorning"}}</tool_call>',
     "broken-call": 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"</tool_call>',
-    "good-then-broken": '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": </tool_call>',
+    "good-then-broken": (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": </tool_call>'
+    ),
     "no-end-marker": '<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}',
     "text-after-call": 'Sure.<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}</tool_call> and more',
     "end-marker-alone": "sunny</tool_call></",
@@ -403,23 +527,39 @@ def forced(default_pipeline: dict, tmp_path_factory: pytest.TempPathFactory):
     tests_dir = str(Path(__file__).resolve().parent)
     port = server_process.free_port()
     process = server_process.start_vllm_server(
-        artifact, port, log, ["--", "--logits-processors", "forced_tokens:ForcedTokens"],
+        artifact,
+        port,
+        log,
+        ["--", "--logits-processors", "forced_tokens:ForcedTokens"],
         env={**KEY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))},
-    )  # fmt: skip
+    )
     try:
         server_process.wait_healthy(port, process, log, timeout=300)
         tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
-        yield {"client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0),
-               "name": serving["served_model_name"], "max_model_len": serving["max_model_len"], "tokenizer": tokenizer,
-               "stop_ids": chat.stop_token_ids(tokenizer)}  # fmt: skip
+        yield {
+            "client": openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0),
+            "name": serving["served_model_name"],
+            "max_model_len": serving["max_model_len"],
+            "tokenizer": tokenizer,
+            "stop_ids": chat.stop_token_ids(tokenizer),
+        }
     finally:
         server_process.stop(process)
 
 
-def ask_forced(forced: dict, messages: list[dict], token_ids: list[int], stream: bool = False, **kwargs) -> tuple[str, list[dict], str]:
+def ask_forced(
+    forced: dict, messages: list[dict], token_ids: list[int], stream: bool = False, **kwargs
+) -> tuple[str, list[dict], str]:
     """(content, calls, finish reason) of a request whose answer is `token_ids`, streamed or not."""
-    request = {"model": forced["name"], "messages": messages, "tools": make_data.TOOL_SCHEMAS, "temperature": 0,
-               "max_tokens": len(token_ids), "extra_body": {"vllm_xargs": {"forced_token_ids": token_ids}}, **kwargs}  # fmt: skip
+    request = {
+        "model": forced["name"],
+        "messages": messages,
+        "tools": make_data.TOOL_SCHEMAS,
+        "temperature": 0,
+        "max_tokens": len(token_ids),
+        "extra_body": {"vllm_xargs": {"forced_token_ids": token_ids}},
+        **kwargs,
+    }
     if not stream:
         choice = forced["client"].chat.completions.create(**request).choices[0]
         return (*served_view(choice.message), choice.finish_reason)
@@ -432,7 +572,11 @@ def ask_forced(forced: dict, messages: list[dict], token_ids: list[int], stream:
                 entry["name"] += (call.function.name or "") if call.function else ""
                 entry["arguments"] += (call.function.arguments or "") if call.function else ""
             finish = choice.finish_reason or finish
-    return content.strip(), [{"name": c["name"], "arguments": json.loads(c["arguments"])} for _, c in sorted(calls.items())], finish
+    return (
+        content.strip(),
+        [{"name": c["name"], "arguments": json.loads(c["arguments"])} for _, c in sorted(calls.items())],
+        finish,
+    )
 
 
 QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -464,11 +608,22 @@ def test_an_answer_that_reaches_the_context_length_is_cut_where_evaluation_cuts_
     tokenizer, limit = forced["tokenizer"], forced["max_model_len"]
     token_ids = tokenizer(FORCED_TEXTS["call-fragments"], add_special_tokens=False)["input_ids"]
     words = 1
-    while len(chat.render_ids(tokenizer, [{"role": "user", "content": "word " * (words + 1)}], make_data.TOOL_SCHEMAS,
-                              add_generation_prompt=True)["input_ids"]) < limit - 6:  # fmt: skip
+    while (
+        len(
+            chat.render_ids(
+                tokenizer,
+                [{"role": "user", "content": "word " * (words + 1)}],
+                make_data.TOOL_SCHEMAS,
+                add_generation_prompt=True,
+            )["input_ids"]
+        )
+        < limit - 6
+    ):
         words += 1
     messages = [{"role": "user", "content": "word " * words}]
-    prompt_length = len(chat.render_ids(tokenizer, messages, make_data.TOOL_SCHEMAS, add_generation_prompt=True)["input_ids"])
+    prompt_length = len(
+        chat.render_ids(tokenizer, messages, make_data.TOOL_SCHEMAS, add_generation_prompt=True)["input_ids"]
+    )
     budget = engines.new_token_budget(prompt_length, len(token_ids), limit)
     assert 0 < budget < len(token_ids)
     expected = chat.served_reply(engines.decode_answer(tokenizer, token_ids[:budget], forced["stop_ids"]))
@@ -480,22 +635,35 @@ def test_an_answer_that_reaches_the_context_length_is_cut_where_evaluation_cuts_
     [
         ([{"type": "function", "function": {"description": "no name", "parameters": {"type": "object"}}}], "name"),
         ([{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}], "parameters"),
-        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}], "not a valid JSON Schema"),
-        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "city"}}}], "not a valid JSON Schema"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+            "not a valid JSON Schema",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "city"}}}],
+            "not a valid JSON Schema",
+        ),
     ],
     ids=["no-name", "parameters-not-an-object", "unknown-type", "required-not-a-list"],
-)  # fmt: skip
+)
 def test_a_malformed_tools_schema_gets_a_400(server, tools: list, says: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        server["client"].chat.completions.create(model=server["name"], messages=[{"role": "user", "content": "Weather in Oslo?"}],
-                                                 tools=tools, max_tokens=4)  # fmt: skip
+        server["client"].chat.completions.create(
+            model=server["name"], messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=tools, max_tokens=4
+        )
     assert set(caught.value.body) == ERROR_FIELDS and says in caught.value.body["message"]
 
 
 def test_langchain_bound_tools_come_back_as_tool_calls(server, held_out: scoring.HeldOut) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
-    llm = langchain_openai.ChatOpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY, model=server["name"], temperature=0,
-                                      max_tokens=server["recipe"].evaluate.max_new_tokens, max_retries=0)  # fmt: skip
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{server['url']}/v1",
+        api_key=API_KEY,
+        model=server["name"],
+        temperature=0,
+        max_tokens=server["recipe"].evaluate.max_new_tokens,
+        max_retries=0,
+    )
     row, message = first_served_call(server, held_out)
     reply = llm.bind_tools(make_data.TOOL_SCHEMAS).invoke(row["prompt"])
     got = [{"name": call["name"], "arguments": call["args"]} for call in reply.tool_calls]
@@ -513,23 +681,32 @@ def test_fuzzing_the_openapi_of_chat_and_completions_finds_no_server_error(serve
     schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json", headers=auth)
     log_start = server["log"].stat().st_size
     statuses: dict[int, int] = {}
-    for path, question in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Is 3 even or odd?"}]}),
-                           ("/v1/completions", {"prompt": "<|im_start|>user\nIs 3 even or odd?<|im_end|>\n<|im_start|>assistant\n"})):  # fmt: skip
+    for path, question in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Is 3 even or odd?"}]}),
+        ("/v1/completions", {"prompt": "<|im_start|>user\nIs 3 even or odd?<|im_end|>\n<|im_start|>assistant\n"}),
+    ):
         operation = schema[path]["POST"]
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-
             # Derandomized: the same 300 bodies on every run. Drawn afresh each run, they found a different vLLM
             # validation gap each time (a float where vLLM expects a mapping: 500), so a pass said little and a
             # failure could not be reproduced; a fixed draw is a regression test.
-            @settings(max_examples=75, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=75,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode), real_question=st.booleans())
             def call(case, real_question: bool) -> None:  # noqa: ANN001 - a schemathesis Case
                 if real_question and isinstance(case.body, dict):
                     case.body.update(model=server["name"], **question)
                 response = case.call(base_url=server["url"], headers=auth, timeout=120)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                assert response.status_code < 500, f"{response.status_code} {response.text[:300]}\n{case.as_curl_command()}"
+                assert response.status_code < 500, (
+                    f"{response.status_code} {response.text[:300]}\n{case.as_curl_command()}"
+                )
 
             call()
     print(f"responses by status: {dict(sorted(statuses.items()))}")
@@ -539,7 +716,9 @@ def test_fuzzing_the_openapi_of_chat_and_completions_finds_no_server_error(serve
     assert "Traceback" not in log, log[max(0, log.index("Traceback") - 2000) :][:6000]
 
 
-def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(default_pipeline: dict, tmp_path: Path) -> None:
+def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(
+    default_pipeline: dict, tmp_path: Path
+) -> None:
     """Streams of the biggest allowed size are open at SIGTERM: the port closes at once, each stream ends with its
     completion or an error event (never a hang), and the process exits soon after the grace period, its children
     with it. (tests/test_serving_middleware.py shows each ending on its own.)
@@ -558,13 +737,25 @@ def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(defaul
     started = threading.Semaphore(0)
 
     def stream(index: int) -> None:
-        body = {"model": name, "messages": [{"role": "user", "content": "Say falcon."}], "max_tokens": max_model_len - PROMPT_ROOM,
-                "n": middleware.DEFAULT_MAX_N,
-                "temperature": 1.0, "seed": index, "ignore_eos": True, "stream": True}  # fmt: skip
+        body = {
+            "model": name,
+            "messages": [{"role": "user", "content": "Say falcon."}],
+            "max_tokens": max_model_len - PROMPT_ROOM,
+            "n": middleware.DEFAULT_MAX_N,
+            "temperature": 1.0,
+            "seed": index,
+            "ignore_eos": True,
+            "stream": True,
+        }
         events: list[str] = []
         try:
-            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
-                              headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
+            ) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[len("data: ") :])
@@ -605,13 +796,19 @@ def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(defaul
             assert set(last["error"]) == ERROR_FIELDS and last["error"]["code"] == 503
             endings.append("error event")
         else:
-            finished = [c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"] if c["finish_reason"]]
+            finished = [
+                c["finish_reason"] for event in events[:-1] for c in json.loads(event)["choices"] if c["finish_reason"]
+            ]
             assert finished == ["length"] * middleware.DEFAULT_MAX_N, finished
             endings.append("completed")
-    print(f"port refused {refused_after:.2f} s after SIGTERM, exited after {exited_after:.2f} s (grace {grace:g} s); "
-          f"streams: {endings.count('completed')} completed, {endings.count('error event')} ended by an error event")  # fmt: skip
+    print(
+        f"port refused {refused_after:.2f} s after SIGTERM, exited after {exited_after:.2f} s (grace {grace:g} s); "
+        f"streams: {endings.count('completed')} completed, {endings.count('error event')} ended by an error event"
+    )
     assert len(endings) == streams and refused_after is not None and refused_after < 2
-    assert endings.count("error event") >= 1, "every stream finished within the grace period: the cut-off path went untested"
+    assert endings.count("error event") >= 1, (
+        "every stream finished within the grace period: the cut-off path went untested"
+    )
     assert process.returncode == 0 and exited_after < grace + margin
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running: {[p.pid for p in alive]}"

@@ -17,7 +17,9 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 JSON = {"content-type": "application/json"}
 
 
-async def call(app, path: str = "/v1/chat/completions", method: str = "POST", body: bytes = b"", headers: dict | None = None) -> list[dict]:  # noqa: ANN001
+async def call(
+    app, path: str = "/v1/chat/completions", method: str = "POST", body: bytes = b"", headers: dict | None = None
+) -> list[dict]:  # noqa: ANN001
     """The messages `app` sends for one request; the client never disconnects."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
@@ -31,8 +33,13 @@ async def call(app, path: str = "/v1/chat/completions", method: str = "POST", bo
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "root_path": "",
-             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
     await app(scope, receive, send)
     return sent
 
@@ -62,7 +69,13 @@ def stream(events: int, every: float):  # noqa: ANN201 - an ASGI app
     """Server-sent events, `events` of them `every` seconds apart, then [DONE]."""
 
     async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
         for index in range(events):
             await send({"type": "http.response.body", "body": f"data: {index}\n\n".encode(), "more_body": True})
             await asyncio.sleep(every)
@@ -89,9 +102,22 @@ def guard(monkeypatch: pytest.MonkeyPatch, app, **settings) -> middleware.Servin
 
 def test_every_path_but_health_needs_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     app = guard(monkeypatch, echo)
-    for path, method in [("/v1/models", "GET"), ("/metrics", "GET"), ("/docs", "GET"), ("/ping", "GET"), ("/invocations", "POST"),
-                         ("/tokenize", "POST"), ("/v1/chat/completions", "POST"), ("/health/", "GET")]:  # fmt: skip
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}, {"authorization": f"Basic {KEY}"}):
+    for path, method in [
+        ("/v1/models", "GET"),
+        ("/metrics", "GET"),
+        ("/docs", "GET"),
+        ("/ping", "GET"),
+        ("/invocations", "POST"),
+        ("/tokenize", "POST"),
+        ("/v1/chat/completions", "POST"),
+        ("/health/", "GET"),
+    ]:
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong"},
+            {"authorization": KEY},
+            {"authorization": f"Basic {KEY}"},
+        ):
             sent = asyncio.run(call(app, path, method, b"{}", {**JSON, **headers}))
             assert status(sent) == 401 and error(sent)["type"] == "AuthenticationError", (path, headers)
             assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
@@ -101,7 +127,10 @@ def test_every_path_but_health_needs_the_key(monkeypatch: pytest.MonkeyPatch) ->
     # A CORS preflight reaches vLLM's CORS middleware, which answers it; an OPTIONS request that is not one does not.
     preflight = {"origin": "https://ui.example", "access-control-request-method": "POST"}
     assert status(asyncio.run(call(app, "/v1/chat/completions", "OPTIONS", headers=preflight))) == 200
-    assert status(asyncio.run(call(app, "/v1/chat/completions", "OPTIONS", headers={"origin": "https://ui.example"}))) == 401
+    assert (
+        status(asyncio.run(call(app, "/v1/chat/completions", "OPTIONS", headers={"origin": "https://ui.example"})))
+        == 401
+    )
 
 
 def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,9 +150,17 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         ({"max_completion_tokens": 65}, "max_completion_tokens", "allows (64)"),
         ({"max_output_tokens": 1000}, "max_output_tokens", "allows (64)"),
     ],
-    ids=["n", "prompts-times-n", "token-id-prompts", "conversations", "scoring-items", "max-tokens", "max-completion-tokens",
-         "max-output-tokens"],
-)  # fmt: skip
+    ids=[
+        "n",
+        "prompts-times-n",
+        "token-id-prompts",
+        "conversations",
+        "scoring-items",
+        "max-tokens",
+        "max-completion-tokens",
+        "max-output-tokens",
+    ],
+)
 def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payload: dict, param: str, says: str) -> None:
     app = guard(monkeypatch, echo, max_n=8, max_tokens=64)
     sent = asyncio.run(call(app, body=json.dumps(payload).encode(), headers={**JSON, **AUTH}))
@@ -132,12 +169,28 @@ def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payloa
 
 @pytest.mark.parametrize(
     "payload",
-    [{"n": 8, "max_tokens": 64}, {"prompt": list(range(500))}, {"n": 2, "prompt": ["a", "b", "c", "d"]},
-     {"messages": [{"role": "user", "content": "hi"}] * 20}, {"n": "many"}, {"max_tokens": 1.5e9}, {"n": True}],
-    ids=["at-the-limits", "one-prompt-of-token-ids", "eight-sequences", "one-long-conversation", "n-not-a-number",
-         "max-tokens-not-an-int", "n-a-bool"],
-)  # fmt: skip
-def test_requests_within_the_limits_or_for_vllm_to_judge_pass_unchanged(monkeypatch: pytest.MonkeyPatch, payload: dict) -> None:
+    [
+        {"n": 8, "max_tokens": 64},
+        {"prompt": list(range(500))},
+        {"n": 2, "prompt": ["a", "b", "c", "d"]},
+        {"messages": [{"role": "user", "content": "hi"}] * 20},
+        {"n": "many"},
+        {"max_tokens": 1.5e9},
+        {"n": True},
+    ],
+    ids=[
+        "at-the-limits",
+        "one-prompt-of-token-ids",
+        "eight-sequences",
+        "one-long-conversation",
+        "n-not-a-number",
+        "max-tokens-not-an-int",
+        "n-a-bool",
+    ],
+)
+def test_requests_within_the_limits_or_for_vllm_to_judge_pass_unchanged(
+    monkeypatch: pytest.MonkeyPatch, payload: dict
+) -> None:
     app = guard(monkeypatch, echo, max_n=8, max_tokens=64)
     raw = json.dumps(payload).encode()
     sent = asyncio.run(call(app, body=raw, headers={**JSON, **AUTH}))
@@ -152,22 +205,39 @@ def test_bodies_vllm_cannot_read_get_a_400_and_other_bodies_reach_it(monkeypatch
     deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     sent = asyncio.run(call(app, body=deep, headers={**JSON, **AUTH}))
     assert status(sent) == 400 and "nests JSON too deeply" in error(sent)["message"]
-    for raw, headers in ((b'{"prompt": ', JSON), (b"[1, 2]", JSON), (b"\xff\xd8 an upload", {"content-type": "multipart/form-data; boundary=x"})):
+    for raw, headers in (
+        (b'{"prompt": ', JSON),
+        (b"[1, 2]", JSON),
+        (b"\xff\xd8 an upload", {"content-type": "multipart/form-data; boundary=x"}),
+    ):
         sent = asyncio.run(call(app, body=raw, headers={**headers, **AUTH}))
         assert status(sent) == 200 and body(sent) == raw
 
 
 @pytest.mark.parametrize(
     ("schema", "valid"),
-    [({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}, True), ({}, True),
-     ({"type": "nonsense"}, False), ({"type": "object", "required": "city"}, False), ({"properties": {"a": {"minLength": -1}}}, False)],
-)  # fmt: skip
+    [
+        ({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}, True),
+        ({}, True),
+        ({"type": "nonsense"}, False),
+        ({"type": "object", "required": "city"}, False),
+        ({"properties": {"a": {"minLength": -1}}}, False),
+    ],
+)
 def test_tool_parameters_must_be_json_schema(monkeypatch: pytest.MonkeyPatch, schema: dict, valid: bool) -> None:
     pytest.importorskip("jsonschema")
     app = guard(monkeypatch, echo)
-    for tool in ({"type": "function", "function": {"name": "f", "parameters": schema}}, {"type": "function", "name": "f", "parameters": schema}):
-        sent = asyncio.run(call(app, body=json.dumps({"tools": [{"type": "function", "function": {"name": "g"}}, tool]}).encode(),
-                                headers={**JSON, **AUTH}))  # fmt: skip
+    for tool in (
+        {"type": "function", "function": {"name": "f", "parameters": schema}},
+        {"type": "function", "name": "f", "parameters": schema},
+    ):
+        sent = asyncio.run(
+            call(
+                app,
+                body=json.dumps({"tools": [{"type": "function", "function": {"name": "g"}}, tool]}).encode(),
+                headers={**JSON, **AUTH},
+            )
+        )
         if valid:
             assert status(sent) == 200
         else:
@@ -182,10 +252,15 @@ def router(routes: dict):  # noqa: ANN201 - an ASGI app
     return app
 
 
-def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     grace = 0.5
-    app = guard(monkeypatch, router({"/short": stream(3, 0.05), "/long": stream(1000, 0.05), "/slow": slow_answer, "/v1/models": echo}),
-                shutdown_grace=grace)  # fmt: skip
+    app = guard(
+        monkeypatch,
+        router({"/short": stream(3, 0.05), "/long": stream(1000, 0.05), "/slow": slow_answer, "/v1/models": echo}),
+        shutdown_grace=grace,
+    )
     server = SimpleNamespace(should_exit=False)
 
     async def scenario() -> tuple[list, float]:
@@ -233,12 +308,24 @@ def test_an_empty_prompt_gets_a_400_before_vllm_streams(monkeypatch: pytest.Monk
 
 def models_listing(status_code: int = 200):  # noqa: ANN201 - an ASGI app
     """vLLM's /v1/models answer (or an error with `status_code`), its body sent in two parts with its length."""
-    listing = json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "vllm"},
-                                                     {"id": "tiny-lora", "object": "model", "owned_by": "vllm"}]}).encode()  # fmt: skip
+    listing = json.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": "tiny", "object": "model", "owned_by": "vllm"},
+                {"id": "tiny-lora", "object": "model", "owned_by": "vllm"},
+            ],
+        }
+    ).encode()
 
     async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
-        await send({"type": "http.response.start", "status": status_code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(listing)).encode())]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status_code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(listing)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": listing[:10], "more_body": True})
         await send({"type": "http.response.body", "body": listing[10:], "more_body": False})
 
@@ -255,7 +342,15 @@ def test_the_model_listing_says_what_the_export_says_of_the_model(monkeypatch: p
     assert dict(sent[0]["headers"])[b"content-length"] == str(len(body(sent))).encode()
     assert [k for k, _ in sent[0]["headers"]].count(b"content-length") == 1
     # Other routes, error answers and a server without metadata pass unchanged.
-    assert body(asyncio.run(call(guard(monkeypatch, app, model_metadata=metadata), "/v1/models/tiny", "GET", headers=AUTH))) == listing
+    assert (
+        body(
+            asyncio.run(call(guard(monkeypatch, app, model_metadata=metadata), "/v1/models/tiny", "GET", headers=AUTH))
+        )
+        == listing
+    )
     failing, listing = models_listing(500)
-    assert body(asyncio.run(call(guard(monkeypatch, failing, model_metadata=metadata), "/v1/models", "GET", headers=AUTH))) == listing
+    assert (
+        body(asyncio.run(call(guard(monkeypatch, failing, model_metadata=metadata), "/v1/models", "GET", headers=AUTH)))
+        == listing
+    )
     assert body(asyncio.run(call(guard(monkeypatch, app), "/v1/models", "GET", headers=AUTH))) == listing

@@ -46,10 +46,11 @@ def with_dict_arguments(messages: list[dict]) -> list[dict]:
 def test_the_rendering_of_a_tool_conversation_is_unchanged(tokenizer) -> None:
     text = tokenizer.apply_chat_template(CONVERSATION, tools=make_data.TOOL_SCHEMAS[:1], tokenize=False)
     schema = json.dumps(make_data.TOOL_SCHEMAS[0], sort_keys=True)
-    assert text == (
-        f"<|im_start|>system\nReply with just the answer.\n\nTools:\n{schema}\n<|im_end|>\n"
+    assert (
+        text == f"<|im_start|>system\nReply with just the answer.\n\nTools:\n{schema}\n<|im_end|>\n"
         "<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><|im_end|>\n'
+        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city":'
+        ' "Oslo"}}</tool_call><|im_end|>\n'
         "<|im_start|>tool\nfoggy<|im_end|>\n"
         "<|im_start|>assistant\nfoggy<|im_end|>\n"
     )
@@ -62,8 +63,9 @@ def test_tool_schemas_in_any_key_order_render_as_the_data_stage_stores_them(toke
     stored = json.loads(json.dumps(make_data.TOOL_SCHEMAS, sort_keys=True))
     assert list(stored[0]) != list(make_data.TOOL_SCHEMAS[0])
     question = [{"role": "user", "content": "Weather in Oslo?"}]
-    assert (chat.render_ids(tokenizer, question, make_data.TOOL_SCHEMAS, add_generation_prompt=True)
-            == chat.render_ids(tokenizer, question, stored, add_generation_prompt=True))  # fmt: skip
+    assert chat.render_ids(tokenizer, question, make_data.TOOL_SCHEMAS, add_generation_prompt=True) == chat.render_ids(
+        tokenizer, question, stored, add_generation_prompt=True
+    )
 
 
 def test_every_shipped_tool_call_renders_the_same_ids_with_dict_arguments(tokenizer) -> None:
@@ -72,10 +74,20 @@ def test_every_shipped_tool_call_renders_the_same_ids_with_dict_arguments(tokeni
     assert len(with_calls) > 500
     for row in with_calls:
         for messages in (row["messages"], row["messages"][:-1]):
-            as_trained = chat.render_ids(tokenizer, messages, row["tools"], add_generation_prompt=messages[-1]["role"] != "assistant",
-                                         with_assistant_mask=True)  # fmt: skip
-            as_served = chat.render_ids(tokenizer, with_dict_arguments(messages), row["tools"],
-                                        add_generation_prompt=messages[-1]["role"] != "assistant", with_assistant_mask=True)  # fmt: skip
+            as_trained = chat.render_ids(
+                tokenizer,
+                messages,
+                row["tools"],
+                add_generation_prompt=messages[-1]["role"] != "assistant",
+                with_assistant_mask=True,
+            )
+            as_served = chat.render_ids(
+                tokenizer,
+                with_dict_arguments(messages),
+                row["tools"],
+                add_generation_prompt=messages[-1]["role"] != "assistant",
+                with_assistant_mask=True,
+            )
             assert as_served == as_trained, row
 
 
@@ -87,9 +99,19 @@ def test_every_shipped_tool_call_renders_the_same_ids_with_dict_arguments(tokeni
 def test_dict_arguments_render_as_the_data_stage_writes_them(tokenizer, arguments: dict) -> None:
     """Key order and separators as json.dumps; non-ASCII characters as themselves, as the data stage writes dict
     arguments (a JSON string escaped with json.dumps' default ensure_ascii would render its escapes instead)."""
-    as_string = [{"role": "user", "content": "q"},
-                 {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-                     "name": "get_weather", "arguments": json.dumps(arguments, ensure_ascii=False)}}]}]  # fmt: skip
+    as_string = [
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(arguments, ensure_ascii=False)},
+                }
+            ],
+        },
+    ]
     rendered = tokenizer.apply_chat_template(with_dict_arguments(as_string), tokenize=False)
     assert f'"arguments": {json.dumps(arguments, ensure_ascii=False)}}}</tool_call>' in rendered
     assert rendered == tokenizer.apply_chat_template(as_string, tokenize=False)
@@ -97,7 +119,10 @@ def test_dict_arguments_render_as_the_data_stage_writes_them(tokenizer, argument
 
 @pytest.mark.parametrize("role", ["wizard", "developer", "function", "System"])
 def test_unknown_roles_raise(tokenizer, role: str) -> None:
-    for messages in ([{"role": role, "content": "hi"}], [{"role": "user", "content": "hi"}, {"role": role, "content": "hi"}]):
+    for messages in (
+        [{"role": role, "content": "hi"}],
+        [{"role": "user", "content": "hi"}, {"role": role, "content": "hi"}],
+    ):
         with pytest.raises(TemplateError, match=f"unknown role '{role}'"):
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -107,7 +132,10 @@ GENERATED_TEXTS = [
     "foggy",
     '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
     'Let me see. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
-    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}</tool_call>',
+    (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n<tool_call>{"name":'
+        ' "get_daytime", "arguments": {"city": "Lima"}}</tool_call>'
+    ),
     'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"</tool_call>',
     '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call><tool_call>{"name": </tool_call>',
     '<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}',
@@ -118,7 +146,7 @@ GENERATED_TEXTS = [
     '<tool_call>{"name": "get_weather"}</tool_call>',
     '<tool_call>["get_weather", {"city": "Oslo"}]</tool_call>',
     '<tool_call>{"name": "get_weather", "arguments": "Oslo"}</tool_call>',
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("text", GENERATED_TEXTS)

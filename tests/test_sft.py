@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts, launch, stages, training
 from pipeline import base, data, sft
+from pipeline.core import artifacts, launch, stages, training
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, DataError, MissingArtifactError
 
@@ -25,9 +25,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 def small_sft_recipe(tmp_path: Path, rows: int = 64, **sft_settings) -> Path:
     """A recipe that trains a 30k-parameter model for a few steps: enough to see the loss fall."""
     sft_section = {
-        "method": "lora", "global_batch_size": 8, "learning_rate": 5e-3, "max_steps": 12, "logging_steps": 1,
-        "save_steps": 100, "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-    }  # fmt: skip
+        "method": "lora",
+        "global_batch_size": 8,
+        "learning_rate": 5e-3,
+        "max_steps": 12,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    }
     sft_section.update(sft_settings)
     source = write_jsonl(tmp_path / "chat.jsonl", chat_rows(rows))
     return write_recipe(tmp_path, [{"path": str(source)}], sft=sft_section)
@@ -83,10 +88,18 @@ def test_loss_mask_covers_assistant_turns_and_end_of_turn_only(tmp_path: Path) -
     """The labels TRL trains on: every assistant token and each turn's <|im_end|>, no system/user token."""
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {i}"},
-        {"role": "assistant", "content": f"{i}"}, {"role": "user", "content": "And twice?"},
-        {"role": "assistant", "content": f"{i} {i}"}]} for i in range(20)]  # fmt: skip
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Say {i}"},
+                {"role": "assistant", "content": f"{i}"},
+                {"role": "user", "content": "And twice?"},
+                {"role": "assistant", "content": f"{i} {i}"},
+            ]
+        }
+        for i in range(20)
+    ]
     recipe_path = write_recipe(tmp_path, [{"path": str(write_jsonl(tmp_path / "c.jsonl", rows))}])
     recipe = prepare(recipe_path)
     import datasets
@@ -94,8 +107,12 @@ def test_loss_mask_covers_assistant_turns_and_end_of_turn_only(tmp_path: Path) -
     from pipeline.core import chat
 
     tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
-    train = datasets.load_from_disk(str(recipe.run_dir / "data" / "sft"))["train"].select_columns(["messages", "input_ids", "assistant_masks"])
-    args = training.trainer_arguments(SFTConfig, recipe, recipe.sft, "sft", tmp_path / "out", max_length=256, assistant_only_loss=True)
+    train = datasets.load_from_disk(str(recipe.run_dir / "data" / "sft"))["train"].select_columns(
+        ["messages", "input_ids", "assistant_masks"]
+    )
+    args = training.trainer_arguments(
+        SFTConfig, recipe, recipe.sft, "sft", tmp_path / "out", max_length=256, assistant_only_loss=True
+    )
     model = training.load_trainable_model(recipe, recipe.sft, "sft", recipe.run_dir / "base")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -114,7 +131,9 @@ def test_same_seed_same_curve_other_seed_other_curve(tmp_path: Path) -> None:
     for attempt, seed in enumerate((7, 7, 8)):
         folder = tmp_path / f"run{attempt}"
         folder.mkdir()
-        recipe = prepare(small_sft_recipe(folder, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}), f"run.seed={seed}")
+        recipe = prepare(
+            small_sft_recipe(folder, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}), f"run.seed={seed}"
+        )
         sft.run(recipe)
         curves.append(losses(recipe.run_dir / "sft"))
     assert curves[0] == curves[1]
@@ -126,8 +145,11 @@ def start_paused_at(step: int, module: str, *args: str) -> subprocess.Popen:
     then delivers a signal there."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "pause_after_save.py"), str(step), "-m", module, *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def signal_paused(process: subprocess.Popen, signum: int, timeout: float = 600) -> None:
@@ -163,7 +185,12 @@ def adapter_tensors(folder: Path) -> dict:
 def resume_recipe(tmp_path: Path) -> Path:
     # Dropout draws random numbers every step, so an exact match after resume proves the RNG state came back too.
     return small_sft_recipe(
-        tmp_path, rows=200, max_steps=40, save_steps=10, logging_steps=5, lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
+        tmp_path,
+        rows=200,
+        max_steps=40,
+        save_steps=10,
+        logging_steps=5,
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
     )
 
 
@@ -182,7 +209,10 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     assert not artifacts.manifest_is_complete(killed.run_dir / "sft")
 
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.sft", "--config", str(killed_recipe_path)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.sft", "--config", str(killed_recipe_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = killed.run_dir / "sft"
@@ -216,7 +246,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_refuses_drift(tmp_
 
 def test_missing_data_artifact_names_the_command(tmp_path: Path) -> None:
     recipe = load_recipe(small_sft_recipe(tmp_path))
-    with pytest.raises(MissingArtifactError, match=r"needs the 'data' artifact.*Run `python -m pipeline\.data --config"):
+    with pytest.raises(
+        MissingArtifactError, match=r"needs the 'data' artifact.*Run `python -m pipeline\.data --config"
+    ):
         sft.run(recipe)
 
 
@@ -229,7 +261,13 @@ def test_stale_data_artifact_is_refused(tmp_path: Path) -> None:
 
 def test_unknown_target_module_lists_the_linear_layers(tmp_path: Path) -> None:
     recipe = prepare(small_sft_recipe(tmp_path, lora={"target_modules": ["q_proj", "qkv"]}))
-    with pytest.raises(ConfigError, match=r"target_modules names qkv, which the model does not have\. Its linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"target_modules names qkv, which the model does not have\. Its linear layers are: down_proj, gate_proj,"
+            r" k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+        ),
+    ):
         sft.run(recipe)
 
 
@@ -242,7 +280,9 @@ def test_qlora_without_bitsandbytes_says_what_to_install(tmp_path: Path, monkeyp
 
 def test_max_length_shorter_than_every_example(tmp_path: Path) -> None:
     path = small_sft_recipe(tmp_path)
-    with pytest.raises(DataError, match=r"no sft training rows survived .*too_long.*data\.max_length=10, raise the limit"):
+    with pytest.raises(
+        DataError, match=r"no sft training rows survived .*too_long.*data\.max_length=10, raise the limit"
+    ):
         data.run(load_recipe(path, ["data.max_length=10"]))
 
 
@@ -262,9 +302,21 @@ def test_accelerate_launch_runs_the_stage_file(tmp_path: Path) -> None:
     path = small_sft_recipe(tmp_path)
     recipe = prepare(path)
     result = subprocess.run(
-        ["accelerate", "launch", "--config_file", "accelerate_configs/single_process.yaml", "pipeline/sft.py", "--config", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-    )  # fmt: skip
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "accelerate_configs/single_process.yaml",
+            "pipeline/sft.py",
+            "--config",
+            str(path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sft: lora, 12 steps" in result.stdout
     assert artifacts.manifest_is_complete(recipe.run_dir / "sft")

@@ -22,8 +22,10 @@ def scalars(folder: Path) -> dict[str, list[float]]:
 
 def test_training_and_evaluation_report_to_tensorboard(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
-    recipe = prepare_with_sft(dpo_recipe(tmp_path, sections={"run": {"report_to": ["tensorboard"]}}, sft_settings={"logging_steps": 2}),
-                             "evaluate.backend=hf")
+    recipe = prepare_with_sft(
+        dpo_recipe(tmp_path, sections={"run": {"report_to": ["tensorboard"]}}, sft_settings={"logging_steps": 2}),
+        "evaluate.backend=hf",
+    )
     dpo.run(recipe)
     evaluate.run(recipe)
     sft_scalars = scalars(tracking.folder(recipe.run_dir, "sft"))

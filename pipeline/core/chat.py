@@ -36,7 +36,7 @@ def resolve_chat_template(spec: str | None) -> str | None:
         return path.read_text(encoding="utf-8")
     raise ConfigError(
         f"model.chat_template '{spec}' is neither a shipped template ({', '.join(BUILTIN_TEMPLATES)}) nor an "
-        f"existing .jinja file."
+        "existing .jinja file."
     )
 
 
@@ -66,7 +66,9 @@ def _byte_level_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerBas
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=None, unk_token=None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, bos_token=None, unk_token=None
+    )
 
 
 def train_tokenizer(
@@ -101,7 +103,7 @@ def load_tokenizer(source: str | Path, chat_template: str | None = None, **kwarg
     except OSError as error:
         raise PipelineError(
             f"could not load the tokenizer '{source}': {error}. Offline, a Hub id works only if it is in the local "
-            f"cache; otherwise point model.tokenizer / model.name_or_path at a local folder."
+            "cache; otherwise point model.tokenizer / model.name_or_path at a local folder."
         ) from None
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -118,7 +120,11 @@ def ensure_training_template(tokenizer: PreTrainedTokenizerBase) -> None:
     A template without markers is swapped for TRL's training variant of the same template (which renders the
     same text, so serving with it changes nothing); templates TRL does not know are refused.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers, is_chat_template_stop_token_trained
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
 
     if not has_generation_markers(tokenizer.chat_template):
         try:

@@ -52,7 +52,7 @@ def configure_output(show_everything: bool) -> None:
         "TRANSFORMERS_VERBOSITY": "error",
         "DATASETS_VERBOSITY": "error",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # TRL's tokenizing bars: the stage's own bar stays
-    }  # fmt: skip
+    }
     for key, value in quiet.items():
         os.environ.setdefault(key, value)
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), QUIET_WARNINGS]))
@@ -75,14 +75,19 @@ def recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog="Overrides are dotted KEY=VALUE pairs applied over the recipe, e.g. sft.learning_rate=1e-4 "
-        "data.sources.0.weight=2. Values are parsed as YAML.",
+        epilog=(
+            "Overrides are dotted KEY=VALUE pairs applied over the recipe, e.g. sft.learning_rate=1e-4 "
+            "data.sources.0.weight=2. Values are parsed as YAML."
+        ),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"recipe YAML (default: {DEFAULT_CONFIG})")
     parser.add_argument("--force", action="store_true", help="run even if the artifact is up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="show every library message and training log line")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the recipe resolved with every default and override, and exit (keys: docs/recipe.md)")  # fmt: skip
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the recipe resolved with every default and override, and exit (keys: docs/recipe.md)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
     return parser
 
@@ -91,9 +96,13 @@ def stage_parser(stage: stages.Stage) -> argparse.ArgumentParser:
     parser = recipe_parser(stage.command, stage.description)
     if stage.trains:
         parser.add_argument(
-            "--allow-drift", action="store_true", help="resume an interrupted run even though the recipe or data changed"
+            "--allow-drift",
+            action="store_true",
+            help="resume an interrupted run even though the recipe or data changed",
         )
-        parser.add_argument("--fresh", action="store_true", help="discard an interrupted run's checkpoints and start over")
+        parser.add_argument(
+            "--fresh", action="store_true", help="discard an interrupted run's checkpoints and start over"
+        )
     return parser
 
 

@@ -13,13 +13,12 @@ import difflib
 import functools
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import re
 
 import yaml
 
@@ -47,8 +46,11 @@ _RecipeLoader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
+
 PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
-SourceFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "preference", "sharegpt_preference"]
+SourceFormat = Literal[
+    "auto", "messages", "alpaca", "sharegpt", "prompt_completion", "preference", "sharegpt_preference"
+]
 
 
 @dataclass
@@ -100,11 +102,11 @@ class NearDuplicatesConfig:
         if not 0 < self.threshold <= 1:
             raise ConfigError(
                 f"data.near_duplicates.threshold must lie in (0, 1] (got {self.threshold}): it is a cosine similarity; "
-                f"at 0.9, 90-97% of the pairs flagged in benchmarks/near_duplicates.py were paraphrases."
+                "at 0.9, 90-97% of the pairs flagged in benchmarks/near_duplicates.py were paraphrases."
             )
         if not self.scope or len(set(self.scope)) != len(self.scope):
             raise ConfigError(
-                f"data.near_duplicates.scope must list within_train, held_out_vs_train or both, once each (got "
+                "data.near_duplicates.scope must list within_train, held_out_vs_train or both, once each (got "
                 f"{self.scope}); to check nothing, set data.near_duplicates.mode: off."
             )
         if self.examples < 0:
@@ -144,7 +146,8 @@ class ModelConfig:
     init: dict[str, Any] | None = None  # build a fresh model from these transformers config fields (model_type first)
     tokenizer: str | None = None  # tokenizer id or folder; defaults to name_or_path
     train_tokenizer_vocab_size: int | None = None  # train a BPE tokenizer on the training text instead
-    chat_template: str | None = None  # "chatml" (shipped, with generation markers), a .jinja path, or the tokenizer's own
+    # "chatml" (shipped, with generation markers), a .jinja path, or the tokenizer's own
+    chat_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights' dtype for training, evaluation and serving
     # transformers' attention implementation for every load (training, merge, HF evaluation): sdpa, eager,
     # flash_attention_2, flash_attention_3, flex_attention, or a hub kernel; None lets transformers choose.
@@ -191,7 +194,7 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.attn_implementation '{self.attn_implementation}' is not an attention implementation of "
                     f"transformers: use one of {', '.join(names)}, a Hub kernel as ORG/REPO (e.g. "
-                    f"kernels-community/flash-attn2), or leave it empty for transformers' default (sdpa)."
+                    "kernels-community/flash-attn2), or leave it empty for transformers' default (sdpa)."
                 )
 
 
@@ -208,18 +211,22 @@ class QuantizationSection:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # the 4-bit number format
     bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too (about 0.4 bits per weight less)
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the matmuls
-    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"  # storage dtype (FSDP/ZeRO-3 want the compute dtype)
+    # storage dtype (FSDP/ZeRO-3 want the compute dtype)
+    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
 
 
 @dataclass
 class TrainingSection:
     """Pipeline keys of a training stage; every other key must be a field of the TRL config class."""
 
-    method: Literal["full", "lora", "qlora", "dora"] = "lora"  # which weights train: all, or an adapter (4-bit base for qlora)
-    global_batch_size: int = 16  # rows per optimizer step: per-device batch x accumulation x processes, whatever the launch
+    # which weights train: all, or an adapter (4-bit base for qlora)
+    method: Literal["full", "lora", "qlora", "dora"] = "lora"
+    # rows per optimizer step: per-device batch x accumulation x processes, whatever the launch
+    global_batch_size: int = 16
     lora: dict[str, Any] = field(default_factory=lambda: dict(LORA_DEFAULTS))  # peft.LoraConfig fields
     quantization: QuantizationSection = field(default_factory=QuantizationSection)  # the 4-bit base of qlora
-    launch_config: str | None = None  # accelerate config file (accelerate_configs/) `python -m pipeline.run` launches with
+    # accelerate config file (accelerate_configs/) `python -m pipeline.run` launches with
+    launch_config: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)  # TRL config fields, given flat in the YAML
 
     trl_config_class: typing.ClassVar[str] = ""
@@ -236,19 +243,23 @@ class TrainingSection:
         if self.launch_config:
             from pipeline.core import launch
 
-            launch.check_method(self.method, section, launch.from_config_file(self.launch_config, f"{section}.launch_config"),
-                                self.global_batch_size)  # fmt: skip
+            launch.check_method(
+                self.method,
+                section,
+                launch.from_config_file(self.launch_config, f"{section}.launch_config"),
+                self.global_batch_size,
+            )
         if self.trainer.get("packing") and self.trainer.get("packing_strategy") == "wrapped":
             raise ConfigError(
                 f"{section}.packing_strategy 'wrapped' cuts the rows into fixed-length chunks in which every token "
-                f"attends to the rows before it: rows leak into each other. Use 'bfd' (TRL's default) or 'bfd_split', "
-                f"which keep each row apart."
+                "attends to the rows before it: rows leak into each other. Use 'bfd' (TRL's default) or 'bfd_split', "
+                "which keep each row apart."
             )
         for derived in ("gradient_accumulation_steps",):
             if derived in self.trainer:
                 raise ConfigError(
                     f"{section}.{derived} is derived from {section}.global_batch_size and the number of processes; "
-                    f"remove it and set global_batch_size instead."
+                    "remove it and set global_batch_size instead."
                 )
 
 
@@ -273,17 +284,19 @@ def _grpo_default_generations() -> int:
 
 @dataclass
 class GRPOSection(TrainingSection):
-    """Online RL with TRL's GRPOTrainer on the SFT rows' prompts, scored by verifiable rewards (pipeline/core/rewards.py).
-    `global_batch_size` counts completions: each optimizer step sees global_batch_size / num_generations prompts."""
+    """Online RL with TRL's GRPOTrainer on the SFT rows' prompts, scored by verifiable rewards
+    (pipeline/core/rewards.py). `global_batch_size` counts completions: each optimizer step sees
+    global_batch_size / num_generations prompts."""
 
     # Built-in reward names or user functions as module:function; the stage runs only for a recipe that lists one.
     rewards: list[str] = field(default_factory=list)
     # Who samples the completions: HF generate (any device), or vLLM on a GPU, inside the training processes
     # (colocate) or from `trl vllm-serve` (server).
     generation: GRPOGeneration = "hf"
-    sources: list[str] = field(default_factory=list)  # data.sources (by path or hub:name) whose prompts GRPO trains on; empty: all
-    # all: every training prompt; unsolved: only those the start model's greedy answer gets wrong (not the exact reference text
-    # or tool calls), where a group's completions can differ and so teach something
+    # data.sources (by path or hub:name) whose prompts GRPO trains on; empty: all
+    sources: list[str] = field(default_factory=list)
+    # all: every training prompt; unsolved: only those the start model's greedy answer gets wrong (not the exact
+    # reference text or tool calls), where a group's completions can differ and so teach something
     prompts: Literal["all", "unsolved"] = "all"
 
     trl_config_class: typing.ClassVar[str] = "GRPOConfig"
@@ -297,8 +310,9 @@ class GRPOSection(TrainingSection):
         weights = self.trainer.get("reward_weights")
         if weights is not None and len(weights) != len(self.rewards):
             raise ConfigError(
-                f"{section}.reward_weights has {len(weights)} weights for the {len(self.rewards)} rewards of "
-                f"{section}.rewards ({', '.join(self.rewards) or 'none'}): give one weight per reward, in the same order."
+                f"{section}.reward_weights has {len(weights)} weights for the {len(self.rewards)} rewards of"
+                f" {section}.rewards ({', '.join(self.rewards) or 'none'}): give one weight per reward, in the same"
+                " order."
             )
         for key in ("use_vllm", "vllm_mode"):
             if key in self.trainer:
@@ -353,24 +367,29 @@ def check_padding_free_attention(recipe: Recipe) -> None:
     length = recipe.data.max_length
     if rows * length <= DENSE_ATTENTION_TOKEN_LIMIT:
         return
-    how = "sft.padding_free" if sft.trainer.get("padding_free") else f"sft.packing ('{sft.trainer.get('packing_strategy', 'bfd')}' strategy)"
+    how = (
+        "sft.padding_free"
+        if sft.trainer.get("padding_free")
+        else f"sft.packing ('{sft.trainer.get('packing_strategy', 'bfd')}' strategy)"
+    )
     fits = [n for n in range(DENSE_ATTENTION_TOKEN_LIMIT // length, 0, -1) if sft.global_batch_size % n == 0]
     smaller = f"sft.per_device_train_batch_size: {fits[0]} ({fits[0]} x {length} tokens); " if fits else ""
     raise ConfigError(
-        f"{how} trains padding-free micro-batches of up to {rows} rows x {length} tokens (data.max_length) = "
-        f"{rows * length:,} tokens with model.attn_implementation {name or 'unset (sdpa)'}, which keeps the rows apart "
-        f"only under a dense mask over the whole micro-batch: its cost grows with the square of that length (allowed "
-        f"up to {DENSE_ATTENTION_TOKEN_LIMIT:,} tokens). Set model.attn_implementation to one that attends within each "
-        f"row: flash_attention_2 or flash_attention_3 (CUDA; the flash-attn package, or the kernels package, which "
-        f"fetches the kernel from the Hub), kernels-community/flash-attn2 (that Hub kernel by name), or flex_attention "
-        f"(CUDA; it has no backward pass on the CPU). Or set {smaller}or sft.packing: false and sft.padding_free: false "
-        f"(padded micro-batches)."
+        f"{how} trains padding-free micro-batches of up to {rows} rows x {length} tokens (data.max_length) ="
+        f" {rows * length:,} tokens with model.attn_implementation {name or 'unset (sdpa)'}, which keeps the rows apart"
+        " only under a dense mask over the whole micro-batch: its cost grows with the square of that length (allowed"
+        f" up to {DENSE_ATTENTION_TOKEN_LIMIT:,} tokens). Set model.attn_implementation to one that attends within each"
+        " row: flash_attention_2 or flash_attention_3 (CUDA; the flash-attn package, or the kernels package, which"
+        " fetches the kernel from the Hub), kernels-community/flash-attn2 (that Hub kernel by name), or flex_attention"
+        f" (CUDA; it has no backward pass on the CPU). Or set {smaller}or sft.packing: false and sft.padding_free:"
+        " false (padded micro-batches)."
     )
 
 
 @dataclass
 class EvaluateConfig:
-    metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge", "sacrebleu"])  # text metrics of the answers
+    # text metrics of the answers
+    metrics: list[str] = field(default_factory=lambda: ["exact_match", "rouge", "sacrebleu"])
     backend: Literal["auto", "vllm", "hf"] = "auto"  # generation engine; auto: vLLM when installed, else transformers
     max_new_tokens: int = 32  # longest answer generated per held-out prompt
     batch_size: int = 64  # prompts per generation batch (transformers backend)
@@ -383,7 +402,9 @@ class EvaluateConfig:
         shipped = shipped_metrics()
         for name in self.metrics:
             if name not in shipped:
-                raise ConfigError(f"evaluate.metrics: '{name}' is not shipped; the shipped metrics are: {', '.join(shipped)}.")
+                raise ConfigError(
+                    f"evaluate.metrics: '{name}' is not shipped; the shipped metrics are: {', '.join(shipped)}."
+                )
         from pipeline.core import stages
 
         models = tuple(stage.name for stage in stages.STAGES if stage.model or stage.name == "base")
@@ -394,7 +415,7 @@ class EvaluateConfig:
                 raise ConfigError(
                     f"evaluate.gates: '{key}' is not MODEL.METRIC (minimum) or MODEL-MODEL.METRIC (minimum difference) "
                     f"with models among {', '.join(models)}, e.g. dpo.exact_match, dpo-sft.exact_match, or "
-                    f"dpo-sft.exact_match@data/tools.jsonl for the held-out rows of one data source."
+                    "dpo-sft.exact_match@data/tools.jsonl for the held-out rows of one data source."
                 )
             source = metric.partition("@")[2]
             if source and source not in source_labels:
@@ -408,8 +429,10 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    targets: list[Literal["hf", "onnx"]] = field(default_factory=lambda: ["hf", "onnx"])  # merged weights for vLLM, ONNX
-    onnx_precisions: list[Literal["fp32", "int4"]] = field(default_factory=lambda: ["fp32", "int4"])  # ONNX variants written
+    # merged weights for vLLM, ONNX
+    targets: list[Literal["hf", "onnx"]] = field(default_factory=lambda: ["hf", "onnx"])
+    # ONNX variants written
+    onnx_precisions: list[Literal["fp32", "int4"]] = field(default_factory=lambda: ["fp32", "int4"])
     adapter_only: bool = False  # also export the adapter for vLLM's LoRA serving
 
 
@@ -460,7 +483,11 @@ class Recipe:
         return Path(self.run.output_dir) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init and f.name != "source_path"}
+        return {
+            f.name: _section_to_dict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.init and f.name != "source_path"
+        }
 
     def section_hash(self, *sections: str) -> str:
         """A content hash of the named sections (dotted, e.g. 'run.seed'), for a stage's up-to-date check."""
@@ -509,7 +536,9 @@ def trl_field_types(class_name: str) -> dict[str, Any]:
     return library_field_types("trl", class_name)
 
 
-def _library_fields(value: Any, where: str, module: str, class_name: str, owned: frozenset[str], owner: str) -> dict[str, Any]:
+def _library_fields(
+    value: Any, where: str, module: str, class_name: str, owned: frozenset[str], owner: str
+) -> dict[str, Any]:
     """A mapping whose keys are fields of a library config class, each checked against that field's type."""
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of {class_name} fields, got {value!r}.")
@@ -520,7 +549,10 @@ def _library_fields(value: Any, where: str, module: str, class_name: str, owned:
         if key in owned:
             raise ConfigError(f"{path} is set by the pipeline ({owner}); remove it from the recipe.")
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}' ({class_name} has no such field).{_suggest(str(key), [f for f in fields if f not in owned])}")
+            raise ConfigError(
+                f"unknown key '{path}' ({class_name} has no such"
+                f" field).{_suggest(str(key), [f for f in fields if f not in owned])}"
+            )
         checked[key] = _coerce(item, fields[key], path)
     return checked
 
@@ -613,8 +645,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key == "lora" and trl_class:
-            kwargs[key] = {**LORA_DEFAULTS, **_library_fields(value, path, "peft", "LoraConfig", PIPELINE_OWNED_LORA_FIELDS,
-                                                              f"from {where}.method")}  # fmt: skip
+            kwargs[key] = {
+                **LORA_DEFAULTS,
+                **_library_fields(
+                    value, path, "peft", "LoraConfig", PIPELINE_OWNED_LORA_FIELDS, f"from {where}.method"
+                ),
+            }
             continue
         if key in own:
             kwargs[key] = _coerce(value, hints[key], path)
@@ -624,7 +660,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if key in PIPELINE_OWNED_TRAINER_FIELDS:
                 raise ConfigError(
                     f"{path} is set by the pipeline (from run.seed, data.max_length, the chat template or the "
-                    f"artifact layout); remove it from the recipe."
+                    "artifact layout); remove it from the recipe."
                 )
             if key in trl_fields:
                 trainer[key] = _coerce(value, trl_fields[key], path)
@@ -648,7 +684,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({error}).") from None
     parts = key.split(".")
     if parts[:2] == ["evaluate", "gates"] and len(parts) > 3:
-        parts = [*parts[:2], ".".join(parts[2:])]  # a gate's name has a dot of its own: evaluate.gates.dpo.exact_match=0.6
+        parts = [
+            *parts[:2],
+            ".".join(parts[2:]),
+        ]  # a gate's name has a dot of its own: evaluate.gates.dpo.exact_match=0.6
     return parts, value
 
 
@@ -657,7 +696,9 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: st
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override '{text}': '{'.'.join(parts[: depth + 1])}' is not an index of a list of {len(node)}.")
+                raise ConfigError(
+                    f"override '{text}': '{'.'.join(parts[: depth + 1])}' is not an index of a list of {len(node)}."
+                )
             node = node[int(part)]
         else:
             if node.get(part) is None:  # `section:` with nothing under it reads as None
@@ -688,7 +729,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', error)}).") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (run, data, model, ...), not {type(tree).__name__}.")
+        raise ConfigError(
+            f"{path}: a recipe is a mapping of sections (run, data, model, ...), not {type(tree).__name__}."
+        )
     for section, body in list(tree.items()):
         if body is None:
             tree[section] = {}
@@ -782,7 +825,9 @@ def reference_markdown() -> str:
             if dataclasses.is_dataclass(inner):
                 nested.append((inner, f"{prefix}.{f.name}" + ("[]" if inner is not tp else "")))
             meaning = comments.get(f.name, "").replace("|", "\\|")
-            lines.append(f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | {_default_text(f)} | {meaning} |")
+            lines.append(
+                f"| `{prefix}.{f.name}` | {_type_name(tp).replace('|', 'or')} | {_default_text(f)} | {meaning} |"
+            )
         for inner, name in nested:
             section(inner, name)
 
@@ -802,8 +847,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.core.config",
-        description="Print a recipe resolved with every default (the same as --print-config on any stage), or the "
-        "reference of every recipe key.",
+        description=(
+            "Print a recipe resolved with every default (the same as --print-config on any stage), or the "
+            "reference of every recipe key."
+        ),
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="recipe YAML (default: configs/tiny.yaml)")
     parser.add_argument("--reference", action="store_true", help="print the recipe reference (docs/recipe.md) instead")

@@ -109,8 +109,13 @@ def decode_answer(tokenizer: Any, token_ids: list[int], stop_ids: list[int]) -> 
 
 
 def hf_generate(
-    model: Any, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, batch_size: int = 64, context_length: int | None = None,
-) -> list[str]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    context_length: int | None = None,
+) -> list[str]:
     """Greedy continuations with batched HF `generate`, stopped at the model's stop tokens and at `context_length`
     (default: the model's position limit) as `new_token_budget` says."""
     import torch
@@ -130,11 +135,17 @@ def hf_generate(
         attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch])
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                max_new_tokens=max(budgets), do_sample=False, eos_token_id=stop_ids, pad_token_id=pad,
-            )  # fmt: skip
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
+                max_new_tokens=max(budgets),
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=pad,
+            )
         # Greedy tokens do not depend on later ones: a row's answer is the batch's continuation cut at its budget.
-        answers += [decode_answer(tokenizer, row[:budget].tolist(), stop_ids) for row, budget in zip(output[:, width:], budgets)]
+        answers += [
+            decode_answer(tokenizer, row[:budget].tolist(), stop_ids) for row, budget in zip(output[:, width:], budgets)
+        ]
     return answers
 
 
@@ -151,8 +162,13 @@ class VLLMEngine:
         from vllm import LLM
 
         self.context_length = context_length
-        self.llm = LLM(model=str(model_dir), dtype=settings.dtype, enforce_eager=settings.enforce_eager,
-                       max_model_len=context_length, seed=0)  # fmt: skip
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            max_model_len=context_length,
+            seed=0,
+        )
 
     def generate(self, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
         from vllm import SamplingParams
@@ -160,11 +176,18 @@ class VLLMEngine:
 
         budgets = [new_token_budget(len(row), max_new_tokens, self.context_length) for row in ids]
         answerable = [(row, budget) for row, budget in zip(ids, budgets) if budget > 0]
-        params = [SamplingParams(temperature=0.0, max_tokens=budget, stop_token_ids=stop_ids, skip_special_tokens=True)
-                  for _, budget in answerable]  # fmt: skip
-        outputs = iter(self.llm.generate([TokensPrompt(prompt_token_ids=row) for row, _ in answerable], params, use_tqdm=False))
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=budget, stop_token_ids=stop_ids, skip_special_tokens=True)
+            for _, budget in answerable
+        ]
+        outputs = iter(
+            self.llm.generate([TokensPrompt(prompt_token_ids=row) for row, _ in answerable], params, use_tqdm=False)
+        )
         # A prompt that fills the context gets no answer, here as in serving (vLLM takes no max_tokens of 0).
-        return [decode_answer(tokenizer, list(next(outputs).outputs[0].token_ids), stop_ids) if budget > 0 else "" for budget in budgets]
+        return [
+            decode_answer(tokenizer, list(next(outputs).outputs[0].token_ids), stop_ids) if budget > 0 else ""
+            for budget in budgets
+        ]
 
     def close(self) -> None:
         del self.llm

@@ -19,11 +19,19 @@ from pipeline.core.errors import DataError
 
 # OpenAI / HF role aliases, and ShareGPT's `from` tags (LLaMA-Factory's names included).
 ROLE_ALIASES = {
-    "system": "system", "developer": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
-}  # fmt: skip
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+}
 SHAREGPT_TOOL_CALL_TAGS = ("function_call", "tool_call")
 
 
@@ -56,7 +64,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
         # One bad byte makes the whole array unreadable: this is never skippable row by row.
         raise DataError(
             f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno}); the file is one JSON "
-            f"document, so nothing in it can be read until this is fixed."
+            "document, so nothing in it can be read until this is fixed."
         ) from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
@@ -98,8 +106,8 @@ def load_hub_table(source: SourceConfig) -> Any:
         raise DataError(
             f"hub dataset '{source.hub}' (config {source.hub_config!r}, split {source.split!r}) could not be loaded: "
             f"{type(error).__name__}: {error}. Without network access (or with HF_HUB_OFFLINE=1) only datasets "
-            f"already in the local cache load; download it where the Hub is reachable, or export it to a local "
-            f"JSONL/Parquet file and use `path:`."
+            "already in the local cache load; download it where the Hub is reachable, or export it to a local "
+            "JSONL/Parquet file and use `path:`."
         ) from None
 
 
@@ -108,7 +116,13 @@ def _read_hub(source: SourceConfig) -> Iterator[tuple[str, Any]]:
         yield f"hub:{source.hub}[{index}]", row
 
 
-READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+READERS = {
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+    ".csv": _read_csv,
+}
 
 
 def read_source(source: SourceConfig) -> Iterator[tuple[str, Any]]:
@@ -123,7 +137,7 @@ def read_source(source: SourceConfig) -> Iterator[tuple[str, Any]]:
     if suffix not in READERS:
         raise DataError(
             f"{path}: unsupported file type '{suffix}'. Supported: {', '.join(READERS)}, or a Hub "
-            f"dataset through `hub:`."
+            "dataset through `hub:`."
         )
     yield from READERS[suffix](path)
 
@@ -144,7 +158,7 @@ def detect_format(columns: set[str]) -> str:
         return "prompt_completion"
     raise Malformed(
         f"cannot tell the format from the columns {sorted(columns)}; expected messages, conversations (ShareGPT), "
-        f"instruction/output (alpaca), prompt/completion, or prompt/chosen/rejected. Declare `format:` on the source."
+        "instruction/output (alpaca), prompt/completion, or prompt/chosen/rejected. Declare `format:` on the source."
     )
 
 

@@ -64,7 +64,10 @@ def from_config_file(path: str | Path, key: str) -> Launch:
         stage, offload = _deepspeed_file_settings(deepspeed.get("deepspeed_config_file"), file.parent)
         if stage is None:
             stage = int(deepspeed.get("zero_stage", 2))
-            offload = any(str(deepspeed.get(k, "none")).lower() not in ("none", "") for k in ("offload_optimizer_device", "offload_param_device"))
+            offload = any(
+                str(deepspeed.get(k, "none")).lower() not in ("none", "")
+                for k in ("offload_optimizer_device", "offload_param_device")
+            )
         return Launch("deepspeed", processes, stage, offload)
     if distributed in ("NO",) or processes == 1:
         return Launch("single", 1)
@@ -72,7 +75,7 @@ def from_config_file(path: str | Path, key: str) -> Launch:
         return Launch("ddp", processes)
     raise ConfigError(
         f"{key}: {path} asks for distributed_type {distributed}, which the pipeline does not support; use one of the "
-        f"configs in accelerate_configs/ (single process, DDP, DeepSpeed ZeRO-2/3)."
+        "configs in accelerate_configs/ (single process, DDP, DeepSpeed ZeRO-2/3)."
     )
 
 
@@ -85,7 +88,9 @@ def _deepspeed_file_settings(path: str | None, folder: Path) -> tuple[int | None
         zero = json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {})
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"cannot read the DeepSpeed config {file}: {error}. Check deepspeed_config_file.") from None
-    offload = any(str((zero.get(k) or {}).get("device", "none")).lower() != "none" for k in ("offload_optimizer", "offload_param"))
+    offload = any(
+        str((zero.get(k) or {}).get("device", "none")).lower() != "none" for k in ("offload_optimizer", "offload_param")
+    )
     return int(zero.get("stage", 0)), offload
 
 
@@ -97,7 +102,10 @@ def from_environment() -> Launch:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         plugin = DeepSpeedPlugin()
-        offload = any(str(device).lower() not in ("none", "") for device in (plugin.offload_optimizer_device, plugin.offload_param_device))
+        offload = any(
+            str(device).lower() not in ("none", "")
+            for device in (plugin.offload_optimizer_device, plugin.offload_param_device)
+        )
         return Launch("deepspeed", processes, int(plugin.zero_stage), offload)
     return Launch("ddp", processes) if processes > 1 else Launch("single", 1)
 
@@ -106,11 +114,11 @@ def check_method(method: str, section: str, launch: Launch, global_batch_size: i
     """Refuse a training method the launch cannot run, and a global batch the processes cannot share."""
     if launch.kind == "deepspeed" and launch.zero_stage == 3 and method == "qlora":
         raise ConfigError(
-            f"{section}.method is qlora, which the pipeline does not run under {launch.describe()}: ZeRO-3 partitions "
-            f"every weight across processes, and bitsandbytes' packed 4-bit weights partition only when stored in the "
-            f"compute dtype (bnb_4bit_quant_storage), a combination this pipeline does not test. Use {section}.method=lora "
-            f"under ZeRO-3 (its 16-bit weights are partitioned instead), or keep qlora with accelerate_configs/ddp.yaml "
-            f"or accelerate_configs/deepspeed_zero2.yaml."
+            f"{section}.method is qlora, which the pipeline does not run under {launch.describe()}: ZeRO-3 partitions"
+            " every weight across processes, and bitsandbytes' packed 4-bit weights partition only when stored in the"
+            " compute dtype (bnb_4bit_quant_storage), a combination this pipeline does not test. Use"
+            f" {section}.method=lora under ZeRO-3 (its 16-bit weights are partitioned instead), or keep qlora with"
+            " accelerate_configs/ddp.yaml or accelerate_configs/deepspeed_zero2.yaml."
         )
     if global_batch_size % launch.processes:
         raise ConfigError(

@@ -74,7 +74,11 @@ def attends_within_rows(name: str | None) -> bool:
     square of its length."""
     if name is None:
         return False
-    return name.startswith("flash_attention_") or name == "flex_attention" or (is_hub_kernel(name) and "flash-attn" in name)
+    return (
+        name.startswith("flash_attention_")
+        or name == "flex_attention"
+        or (is_hub_kernel(name) and "flash-attn" in name)
+    )
 
 
 def load_kwargs(model: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
@@ -92,7 +96,9 @@ def load(path: str | Path, model: ModelConfig, dtype: str | None = None, device:
     return AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(model, dtype), device_map=device)
 
 
-def load_merged(base_path: str | Path, adapter_dir: Path | None, model: ModelConfig, dtype: str | None = None) -> PreTrainedModel:
+def load_merged(
+    base_path: str | Path, adapter_dir: Path | None, model: ModelConfig, dtype: str | None = None
+) -> PreTrainedModel:
     """A trained model in full precision: the base reloaded unquantized, with the adapter (if any) merged in.
 
     QLoRA adapters were trained against 4-bit weights, but merging into 4-bit weights would round the update
@@ -106,7 +112,9 @@ def load_merged(base_path: str | Path, adapter_dir: Path | None, model: ModelCon
     return PeftModel.from_pretrained(loaded, str(adapter_dir)).merge_and_unload()
 
 
-def save_merged(base_path: str | Path, adapter_dir: Path, model: ModelConfig, target: Path, tokenizer: Any, dtype: str | None = None) -> None:
+def save_merged(
+    base_path: str | Path, adapter_dir: Path, model: ModelConfig, target: Path, tokenizer: Any, dtype: str | None = None
+) -> None:
     """`load_merged` written to `target` with the tokenizer, a folder that loads (and serves, in vLLM) on its own."""
     load_merged(base_path, adapter_dir, model, dtype).save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))

@@ -87,7 +87,11 @@ def embed(texts: list[str], batch_size: int = 128) -> np.ndarray:
     import numpy as np
 
     vectors = load_model().encode(
-        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=len(texts) > 5000
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=len(texts) > 5000,
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -149,7 +153,10 @@ def _pairs(found: list[tuple[float, Unit, Unit]], names: tuple[str, str], exampl
     ranked = sorted(distinct.items(), key=lambda item: -item[1])
 
     def shown(pairs: list[tuple[tuple[str, str], float]]) -> list[dict[str, Any]]:
-        return [{"similarity": round(float(s), 4), names[0]: a[:EXAMPLE_CHARS], names[1]: b[:EXAMPLE_CHARS]} for (a, b), s in pairs]
+        return [
+            {"similarity": round(float(s), 4), names[0]: a[:EXAMPLE_CHARS], names[1]: b[:EXAMPLE_CHARS]}
+            for (a, b), s in pairs
+        ]
 
     return {"closest": shown(ranked[:examples]), "borderline": shown(ranked[::-1][:examples])}
 
@@ -175,33 +182,53 @@ def check(splits: Splits, settings: NearDuplicatesConfig, prompt_key: Callable[[
     train = [i for i, u in enumerate(units) if not u.held_out]
     held = [i for i, u in enumerate(units) if u.held_out]
     stats: dict[str, Any] = {
-        "mode": settings.mode, "threshold": settings.threshold, "scope": list(settings.scope),
-        "model": MODEL, "model_package": MODEL_PACKAGE, "compared": "the user turns of each distinct prompt, normalised",
+        "mode": settings.mode,
+        "threshold": settings.threshold,
+        "scope": list(settings.scope),
+        "model": MODEL,
+        "model_package": MODEL_PACKAGE,
+        "compared": "the user turns of each distinct prompt, normalised",
         "prompts": {"train": len(train), "held_out": len(held)},
-    }  # fmt: skip
+    }
     drop: dict[bool, set[str]] = {False: set(), True: set()}  # prompt keys whose rows go, by side
     if "within_train" in settings.scope:
         scores, twins = nearest_earlier(vectors[train])
-        found = [(s, units[train[t]], units[train[i]]) for i, (s, t) in enumerate(zip(scores, twins)) if s >= settings.threshold]
+        found = [
+            (s, units[train[t]], units[train[i]])
+            for i, (s, t) in enumerate(zip(scores, twins))
+            if s >= settings.threshold
+        ]
         flagged = {later.key for _, _, later in found}
         stats["within_train"] = _scope(found, flagged, keys, False, ("earlier", "later"), settings.examples)
         drop[False] = flagged if settings.mode == "drop" else set()
     if "held_out_vs_train" in settings.scope:
         kept = [i for i in train if units[i].key not in drop[False]]
         scores, twins = nearest(vectors[held], vectors[kept])
-        found = [(s, units[held[i]], units[kept[t]]) for i, (s, t) in enumerate(zip(scores, twins)) if s >= settings.threshold]
+        found = [
+            (s, units[held[i]], units[kept[t]])
+            for i, (s, t) in enumerate(zip(scores, twins))
+            if s >= settings.threshold
+        ]
         flagged = {held_out.key for _, held_out, _ in found}
         stats["held_out_vs_train"] = {
-            "prompts": len(flagged), "of": len(held), "fraction": round(len(flagged) / max(1, len(held)), 4),
+            "prompts": len(flagged),
+            "of": len(held),
+            "fraction": round(len(flagged) / max(1, len(held)), 4),
             **_scope(found, flagged, keys, True, ("held_out", "train"), settings.examples),
-        }  # fmt: skip
+        }
         drop[True] = flagged if settings.mode == "drop" else set()
     stats["dropped"] = settings.mode == "drop"
     return _without(splits, keys, drop, stats)
 
 
-def _scope(found: list[tuple[float, Unit, Unit]], flagged: set[str], keys: Keys, held_out: bool,
-           names: tuple[str, str], examples: int) -> dict[str, Any]:  # fmt: skip
+def _scope(
+    found: list[tuple[float, Unit, Unit]],
+    flagged: set[str],
+    keys: Keys,
+    held_out: bool,
+    names: tuple[str, str],
+    examples: int,
+) -> dict[str, Any]:
     return {"prompts": len(flagged), "rows": _rows(flagged, keys, held_out), **_pairs(found, names, examples)}
 
 
@@ -210,7 +237,9 @@ def _without(splits: Splits, keys: Keys, drop: dict[bool, set[str]], stats: dict
     near, twin = _rows(drop[False], keys, False), _rows(drop[True], keys, True)
     dropped = {kind: +Counter({"near_duplicate": near[kind], "held_out_twin": twin[kind]}) for kind in splits}
     kept = {
-        kind: tuple([r for r, key in zip(parts[side], keys[kind][side]) if key not in drop[side]] for side in (False, True))
+        kind: tuple(
+            [r for r, key in zip(parts[side], keys[kind][side]) if key not in drop[side]] for side in (False, True)
+        )
         for kind, parts in splits.items()
     }
     return Findings(kept, dropped, stats)
@@ -226,8 +255,8 @@ def summary(stats: dict[str, Any]) -> str:
     if "held_out_vs_train" in stats:
         scope = stats["held_out_vs_train"]
         parts.append(
-            f"held-out {scope['prompts']} of {scope['of']} prompts ({scope['fraction']:.1%}; {_rows_text(scope['rows'])}, "
-            f"{verb}) have a twin in train{_closest(scope)}"
+            f"held-out {scope['prompts']} of {scope['of']} prompts ({scope['fraction']:.1%};"
+            f" {_rows_text(scope['rows'])}, {verb}) have a twin in train{_closest(scope)}"
         )
     return f"near-duplicates (cosine >= {stats['threshold']}): " + "; ".join(parts)
 

@@ -21,7 +21,10 @@ def gate_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| gate | value | threshold | result |", "| --- | --- | --- | --- |"]
     for row in rows:
         value = "n/a" if row["value"] is None else f"{row['value']:.4f}"
-        lines.append(f"| {row['gate']} | {value} | {row['threshold']} | {'pass' if row['passed'] else 'FAIL ' + row.get('why', '')} |")
+        lines.append(
+            f"| {row['gate']} | {value} | {row['threshold']} |"
+            f" {'pass' if row['passed'] else 'FAIL ' + row.get('why', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -33,7 +36,10 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[str]:
         changes = []
         for metric in VERDICT_METRICS:
             if metric in results[before] and metric in results[after]:
-                changes.append(f"{metric} {results[after][metric] - results[before][metric]:+.3f} ({results[before][metric]:.3f} -> {results[after][metric]:.3f})")
+                changes.append(
+                    f"{metric} {results[after][metric] - results[before][metric]:+.3f} ({results[before][metric]:.3f}"
+                    f" -> {results[after][metric]:.3f})"
+                )
         if "mean_margin" in results[after]:
             changes.append(f"mean preference margin {results[after]['mean_margin']:.2f}")
         lines.append(f"{after.upper()} vs {before}: " + ", ".join(changes))
@@ -78,7 +84,10 @@ def _copy_training_plots(work: Path, run_dir: Path) -> list[str]:
 
 def _cell(value: Any) -> str:
     if isinstance(value, list):  # expected tool calls
-        value = "; ".join(f"{c['name']}({', '.join(f'{k}={v!r}' for k, v in c['arguments'].items())})" for c in value) or "(no call)"
+        value = (
+            "; ".join(f"{c['name']}({', '.join(f'{k}={v!r}' for k, v in c['arguments'].items())})" for c in value)
+            or "(no call)"
+        )
     text = str(value).replace("\n", " ")
     if len(text) > CELL_CHARACTERS:  # an untrained model repeats one token to the end of its budget
         text = text[: CELL_CHARACTERS - 1] + "…"
@@ -98,7 +107,19 @@ def _examples(held: scoring.HeldOut, outputs: dict[str, dict[str, list[str]]]) -
                 right = answer.strip() == item["reference"].strip()
             # The question, also where the conversation ends in a tool's result.
             prompt = next((m.get("content") or "" for m in reversed(item["prompt"]) if m["role"] == "user"), "")
-            rows.append((right, name, [name, held.sources[item["source"]], prompt, item["reference"], *[outputs[m][name][index] for m in outputs]]))
+            rows.append(
+                (
+                    right,
+                    name,
+                    [
+                        name,
+                        held.sources[item["source"]],
+                        prompt,
+                        item["reference"],
+                        *[outputs[m][name][index] for m in outputs],
+                    ],
+                )
+            )
     rows.sort(key=lambda r: r[0])  # stable: wrong ones first, in set order
     return [[_cell(c) for c in row] for _, _, row in rows[:EXAMPLES]]
 
@@ -117,21 +138,29 @@ def contamination(data_dir: Path) -> list[str]:
     )
     return [
         "",
-        f"Held-out contamination by meaning: {held['prompts']} of {held['of']} held-out prompts ({held['fraction']:.1%}) "
-        f"have a near twin in training (cosine >= {near['threshold']}, {near['model']}); {fate}.",
+        (
+            f"Held-out contamination by meaning: {held['prompts']} of {held['of']} held-out prompts"
+            f" ({held['fraction']:.1%}) have a near twin in training (cosine >= {near['threshold']}, {near['model']});"
+            f" {fate}."
+        ),
     ]
 
 
-def write(work: Path, recipe: Any, summary: dict[str, Any], held: scoring.HeldOut, outputs: dict[str, dict[str, list[str]]]) -> None:
+def write(
+    work: Path, recipe: Any, summary: dict[str, Any], held: scoring.HeldOut, outputs: dict[str, dict[str, list[str]]]
+) -> None:
     results = summary["models"]
     engine = summary["engine"]
     metrics = sorted({m for r in results.values() for m, v in r.items() if isinstance(v, float)})
     lines = [
         f"# Evaluation of run `{recipe.run.name}`",
         "",
-        f"Held-out split of the data artifact ({held.describe()}); greedy decoding through **{engine['backend']}** in "
-        f"{engine['dtype']}, at most {recipe.evaluate.max_new_tokens} new tokens. `chosen_match` is the share of held-out "
-        f"preference prompts answered exactly with the chosen answer; perplexity is over assistant tokens (lower is better).",
+        (
+            f"Held-out split of the data artifact ({held.describe()}); greedy decoding through **{engine['backend']}**"
+            f" in {engine['dtype']}, at most {recipe.evaluate.max_new_tokens} new tokens. `chosen_match` is the share"
+            " of held-out preference prompts answered exactly with the chosen answer; perplexity is over assistant"
+            " tokens (lower is better)."
+        ),
         "",
         "## Verdict",
         "",
@@ -147,17 +176,30 @@ def write(work: Path, recipe: Any, summary: dict[str, Any], held: scoring.HeldOu
     lines += contamination(recipe.run_dir / "data")
     sources = sorted({label for r in results.values() for label in r.get("by_source", {})})
     if sources:
-        lines += ["", "## By source", "", "| source | metric | " + " | ".join(results) + " |", "| --- | --- |" + " --- |" * len(results)]
+        lines += [
+            "",
+            "## By source",
+            "",
+            "| source | metric | " + " | ".join(results) + " |",
+            "| --- | --- |" + " --- |" * len(results),
+        ]
         for label in sources:
             for metric in sorted({m for r in results.values() for m in r.get("by_source", {}).get(label, {})}):
                 values = [results[n].get("by_source", {}).get(label, {}).get(metric) for n in results]
-                lines.append(f"| {label} | {metric} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |")
+                lines.append(
+                    f"| {label} | {metric} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |"
+                )
     if summary["gates"]:
         lines += ["", "## Gates", "", gate_table(summary["gates"])]
     _plot(results, work / artifacts.METRICS_PLOT)
     plots = [artifacts.METRICS_PLOT, *_copy_training_plots(work, recipe.run_dir)]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", f"## Examples (the {list(results)[-1]} model's mistakes first)", "",
-              "| set | source | prompt | reference | " + " | ".join(results) + " |", "| --- | --- | --- | --- |" + " --- |" * len(results)]  # fmt: skip
+    lines += [
+        "",
+        f"## Examples (the {list(results)[-1]} model's mistakes first)",
+        "",
+        "| set | source | prompt | reference | " + " | ".join(results) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(results),
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in _examples(held, outputs)]
     (work / artifacts.REPORT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -49,7 +49,9 @@ def exact_match(completions: list[str], reference: list[str], **kwargs: Any) -> 
     return [float(c.strip() == r.strip()) if r.strip() else None for c, r in zip(completions, reference)]
 
 
-def answer_format(completions: list[str], reference: list[str], expected_calls: list[str], **kwargs: Any) -> list[float]:
+def answer_format(
+    completions: list[str], reference: list[str], expected_calls: list[str], **kwargs: Any
+) -> list[float]:
     """1 where the completion has the reference's shape: well-formed tool calls and nothing else where calls are
     expected; otherwise plain text, no tool-call markup, as many words as the reference. Right shape, any content:
     it teaches the form of an answer where exact match has nothing to reward yet."""
@@ -65,7 +67,9 @@ def answer_format(completions: list[str], reference: list[str], expected_calls: 
     return scores
 
 
-def tool_call(completions: list[str], expected_calls: list[str], tools: list[str | None], **kwargs: Any) -> list[float | None]:
+def tool_call(
+    completions: list[str], expected_calls: list[str], tools: list[str | None], **kwargs: Any
+) -> list[float | None]:
     """Where calls are expected: 1 for exactly those calls (names and JSON-equal arguments), 0.5 for the right tools
     with other arguments, else 0. Where tools are offered and none is due: 1 for answering without a call. None where
     the prompt offers no tools."""
@@ -111,7 +115,7 @@ def check_name(name: str, where: str) -> None:
     if name not in BUILTINS and not USER_FUNCTION.match(name):
         raise ConfigError(
             f"{where}: '{name}' is neither a built-in reward ({', '.join(BUILTINS)}) nor a user function written as "
-            f"module:function (e.g. my_rewards:length_penalty, importable from the directory the pipeline runs in)."
+            "module:function (e.g. my_rewards:length_penalty, importable from the directory the pipeline runs in)."
         )
 
 
@@ -126,7 +130,7 @@ def _import_user_function(spec: str, where: str) -> Callable[..., Any]:
     except Exception as error:  # the user's module may fail in any way while it loads
         raise ConfigError(
             f"{where}: could not import '{module_name}' for the reward {spec} ({type(error).__name__}: {error}). Put "
-            f"the module in the directory the pipeline runs in or on PYTHONPATH."
+            "the module in the directory the pipeline runs in or on PYTHONPATH."
         ) from None
     function = getattr(module, attribute, None)
     if not callable(function):
@@ -154,16 +158,18 @@ def _checked(name: str, function: Callable[..., Any]) -> Reward:
             values = function(prompts=prompts, completions=completions, **kwargs)
         except Exception as error:  # any failure of the user's code becomes a message naming the reward
             raise RewardError(
-                f"the GRPO reward '{name}' raised {type(error).__name__}: {error}. It is called as f(prompts, "
-                f"completions, completion_ids, reference, expected_calls, tools, ...) with one list item per completion "
-                f"and must return a list of floats (None where it does not apply); fix it or remove it from grpo.rewards."
+                f"the GRPO reward '{name}' raised {type(error).__name__}: {error}. It is called as f(prompts,"
+                " completions, completion_ids, reference, expected_calls, tools, ...) with one list item per"
+                " completion and must return a list of floats (None where it does not apply); fix it or remove it from"
+                " grpo.rewards."
             ) from None
         values = values.tolist() if hasattr(values, "tolist") else values  # numpy and torch answers are fine too
         problem = _shape_problem(values, len(completions))
         if problem:
             raise RewardError(
-                f"the GRPO reward '{name}' returned {problem}, for {len(completions)} completions. A reward returns a "
-                f"list with one float per completion (None where it does not apply); fix it or remove it from grpo.rewards."
+                f"the GRPO reward '{name}' returned {problem}, for {len(completions)} completions. A reward returns a"
+                " list with one float per completion (None where it does not apply); fix it or remove it from"
+                " grpo.rewards."
             )
         return list(values)
 
@@ -187,7 +193,9 @@ def _shape_problem(values: Any, count: int) -> str | None:
 # ----------------------------------------------------------------------------------------------- prompts
 
 
-def prompt_rows(split: Any, tokenizer: PreTrainedTokenizerBase, sources: set[int] | None = None) -> list[dict[str, Any]]:
+def prompt_rows(
+    split: Any, tokenizer: PreTrainedTokenizerBase, sources: set[int] | None = None
+) -> list[dict[str, Any]]:
     """GRPO's prompts from SFT conversations: one for the last assistant turn, and one for every earlier turn that
     calls tools (what evaluation asks of held-out conversations). Each prompt is rendered with its tools by the
     chat template, as text: TRL renders conversational prompts with the trainer's tools, not each row's own."""
@@ -200,10 +208,19 @@ def prompt_rows(split: Any, tokenizer: PreTrainedTokenizerBase, sources: set[int
         turns = [i for i, m in enumerate(messages[:last]) if m["role"] == "assistant" and m.get("tool_calls")] + [last]
         for index in turns:
             turn = messages[index]
-            text = tokenizer.apply_chat_template(messages[:index], tools=tools, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                messages[:index], tools=tools, tokenize=False, add_generation_prompt=True
+            )
             calls = scoring._expected_calls(turn) if turn.get("tool_calls") else []  # noqa: SLF001 - evaluation's reading
-            rows.append({"prompt": text, "reference": turn.get("content") or "", "expected_calls": json.dumps(calls),
-                         "tools": row["tools"], "source": row["source"]})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": text,
+                    "reference": turn.get("content") or "",
+                    "expected_calls": json.dumps(calls),
+                    "tools": row["tools"],
+                    "source": row["source"],
+                }
+            )
     return rows
 
 

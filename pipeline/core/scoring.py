@@ -47,8 +47,12 @@ def _completion_logprobs(
         input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0]
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(logits.device))[
+            ..., 0
+        ]
         for row, (ids, start) in enumerate(batch):
             totals.append(logprobs[row, start - 1 : len(ids) - 1].sum().item())
     return totals
@@ -89,12 +93,20 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows:
         input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
         attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
         labels = torch.tensor(
-            [[t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])] + [-100] * (width - len(r["input_ids"])) for r in batch]
+            [
+                [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]
+                + [-100] * (width - len(r["input_ids"]))
+                for r in batch
+            ]
         )
         counted = int((labels[:, 1:] != -100).sum())
         with torch.no_grad():
             # The model's own loss: mean next-token NLL over the labelled tokens; weight it back to a sum.
-            loss = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), labels=labels.to(model.device)).loss
+            loss = model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
+                labels=labels.to(model.device),
+            ).loss
         total_nll += loss.item() * counted
         total_tokens += counted
     return math.exp(total_nll / max(1, total_tokens))
@@ -121,7 +133,9 @@ def tool_call_scores(outputs: list[str], expected: list[list[dict[str, Any]]]) -
     if due:
         valid = [got for got, _ in due]
         scores["tool_call_rate"] = sum(bool(v) for v in valid) / len(due)
-        scores["tool_name_accuracy"] = sum([c["name"] for c in v] == [c["name"] for c in want] for v, (_, want) in zip(valid, due)) / len(due)
+        scores["tool_name_accuracy"] = sum(
+            [c["name"] for c in v] == [c["name"] for c in want] for v, (_, want) in zip(valid, due)
+        ) / len(due)
         scores["tool_arguments_accuracy"] = sum(v == want for v, (_, want) in zip(valid, due)) / len(due)
     if not_due:
         scores["tool_false_call_rate"] = sum(bool(got) for got in not_due) / len(not_due)
@@ -129,7 +143,10 @@ def tool_call_scores(outputs: list[str], expected: list[list[dict[str, Any]]]) -
 
 
 def _expected_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")} for c in message["tool_calls"]]
+    return [
+        {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")}
+        for c in message["tool_calls"]
+    ]
 
 
 @dataclass
@@ -154,7 +171,9 @@ class HeldOut:
         import datasets
 
         limit = recipe.evaluate.max_examples
-        held = cls(tokenizer, [source.label for source in recipe.data.sources], {"answers": [], "tool_calls": [], "chosen": []})
+        held = cls(
+            tokenizer, [source.label for source in recipe.data.sources], {"answers": [], "tool_calls": [], "chosen": []}
+        )
 
         def first(split: Any) -> Any:
             return split.select(range(min(limit, len(split)))) if limit is not None else split
@@ -162,28 +181,47 @@ class HeldOut:
         if (data_dir / artifacts.SFT_DATA_DIR).is_dir():
             held.sft_rows = first(datasets.load_from_disk(str(data_dir / artifacts.SFT_DATA_DIR))["eval"])
             for row in held.sft_rows:
-                held._add_conversation(chat.clean_messages(row["messages"]), chat.parse_tools(row["tools"]), row["source"])
+                held._add_conversation(
+                    chat.clean_messages(row["messages"]), chat.parse_tools(row["tools"]), row["source"]
+                )
         if (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir():
             held.pairs = first(datasets.load_from_disk(str(data_dir / artifacts.PREFERENCE_DATA_DIR))["eval"])
             for row in held.pairs:
                 chosen = chat.clean_messages(row["chosen"])
                 if chosen[-1].get("content", "").strip() and not chosen[-1].get("tool_calls"):
-                    held.sets["chosen"].append({"prompt": chat.clean_messages(row["prompt"]), "tools": chat.parse_tools(row["tools"]),
-                                                "source": row["source"], "reference": chosen[-1]["content"]})  # fmt: skip
+                    held.sets["chosen"].append(
+                        {
+                            "prompt": chat.clean_messages(row["prompt"]),
+                            "tools": chat.parse_tools(row["tools"]),
+                            "source": row["source"],
+                            "reference": chosen[-1]["content"],
+                        }
+                    )
         return held
 
     def _add_conversation(self, messages: list[dict[str, Any]], tools: Any, source: int) -> None:
         last = messages[-1]
         if last["content"].strip():
-            self.sets["answers"].append({"prompt": formats.sft_prompt(messages), "tools": tools, "source": source,
-                                         "reference": last["content"], "after_tool": messages[-2]["role"] == "tool"})  # fmt: skip
+            self.sets["answers"].append(
+                {
+                    "prompt": formats.sft_prompt(messages),
+                    "tools": tools,
+                    "source": source,
+                    "reference": last["content"],
+                    "after_tool": messages[-2]["role"] == "tool",
+                }
+            )
         if not tools:
             return
         calls = [(i, m) for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("tool_calls")]
         for index, message in calls:
-            self.sets["tool_calls"].append({"prompt": messages[:index], "tools": tools, "source": source, "reference": _expected_calls(message)})
+            self.sets["tool_calls"].append(
+                {"prompt": messages[:index], "tools": tools, "source": source, "reference": _expected_calls(message)}
+            )
         if not calls:  # tools offered, none needed: answering directly is right
-            self.sets["tool_calls"].append({"prompt": formats.sft_prompt(messages), "tools": tools, "source": source, "reference": []})
+            self.sets["tool_calls"].append(
+                {"prompt": formats.sft_prompt(messages), "tools": tools, "source": source, "reference": []}
+            )
 
     def empty(self) -> bool:
         return not any(self.sets.values())
@@ -197,8 +235,11 @@ class HeldOut:
     def generation_sets(self) -> dict[str, list[list[int]]]:
         from pipeline.core import engines
 
-        return {name: engines.prompt_ids(self.tokenizer, [r["prompt"] for r in rows], [r["tools"] for r in rows])
-                for name, rows in self.sets.items() if rows}  # fmt: skip
+        return {
+            name: engines.prompt_ids(self.tokenizer, [r["prompt"] for r in rows], [r["tools"] for r in rows])
+            for name, rows in self.sets.items()
+            if rows
+        }
 
     def score(self, outputs: dict[str, list[str]], metrics: list[str]) -> dict[str, Any]:
         """Generation metrics of one model's outputs on every set, overall and by source."""
@@ -214,7 +255,9 @@ class HeldOut:
         if calls:
             scores.update(tool_call_scores(outputs["tool_calls"], [r["reference"] for r in calls]))
         if chosen:
-            scores["chosen_match"] = compute_metric("exact_match", outputs["chosen"], [r["reference"] for r in chosen])["exact_match"]
+            scores["chosen_match"] = compute_metric("exact_match", outputs["chosen"], [r["reference"] for r in chosen])[
+                "exact_match"
+            ]
         for name, metric in (("answers", "exact_match"), ("chosen", "chosen_match")):
             groups: dict[str, list[bool]] = {}
             for output, row in zip(outputs.get(name, []), self.sets[name]):
@@ -225,7 +268,9 @@ class HeldOut:
             scores["by_source"] = by_source
         return scores
 
-    def likelihood_scores(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> dict[str, float]:
+    def likelihood_scores(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int
+    ) -> dict[str, float]:
         scores: dict[str, float] = {}
         if self.sft_rows is not None and len(self.sft_rows):
             scores["perplexity"] = perplexity(model, tokenizer, self.sft_rows, batch_size)
@@ -239,6 +284,11 @@ class HeldOut:
         with open(path, "w", encoding="utf-8") as handle:
             for name, rows in self.sets.items():
                 for index, row in enumerate(rows):
-                    record = {"set": name, "source": self.sources[row["source"]], "prompt": row["prompt"], "reference": row["reference"],
-                              "answers": {model: out[name][index] for model, out in outputs.items()}}  # fmt: skip
+                    record = {
+                        "set": name,
+                        "source": self.sources[row["source"]],
+                        "prompt": row["prompt"],
+                        "reference": row["reference"],
+                        "answers": {model: out[name][index] for model, out in outputs.items()},
+                    }
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")

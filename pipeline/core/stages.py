@@ -69,29 +69,76 @@ class Stage:
 _TRAINING_KEYS = ("run.seed", "model", "data.max_length")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "pipeline.data", "Data prep: read, validate, de-duplicate, split and tokenize the training data.",
-          config_keys=("run.seed", "data", "model.name_or_path", "model.tokenizer", "model.train_tokenizer_vocab_size",
-                       "model.chat_template", "model.revision"),
-          headline=("sft_train_rows", "preference_train_rows")),
-    Stage("base", "pipeline.base", "Base model: build a fresh model from model.init (recipes without a pretrained model).",
-          inputs=("data",), config_keys=("run.seed", "model.init", "model.dtype"),
-          headline=("parameters",)),
-    Stage("sft", "pipeline.sft", "SFT: supervised fine-tuning with TRL's SFTTrainer (full, LoRA, QLoRA, DoRA).",
-          inputs=("data", "base"), config_keys=(*_TRAINING_KEYS, "sft"), headline=("final_loss", "tokens_per_second"),
-          trains=True, model=True),
-    Stage("dpo", "pipeline.dpo", "DPO: preference tuning with TRL's DPOTrainer on top of the SFT model.",
-          inputs=("data", "sft"), config_keys=(*_TRAINING_KEYS, "sft.method", "dpo"),
-          headline=("final_loss", "rewards_accuracies"), trains=True, model=True),
-    Stage("grpo", "pipeline.grpo", "GRPO: online RL with TRL's GRPOTrainer and verifiable rewards on the newest of the DPO and SFT models.",
-          inputs=("data",), config_keys=(*_TRAINING_KEYS, "grpo", "evaluate.max_new_tokens"),
-          headline=("reward_start", "reward_end"), trains=True, model=True),
-    Stage("eval", "pipeline.evaluate", "Evaluation: every trained model side by side on the held-out split, a report and gates.",
-          inputs=("data",), config_keys=("evaluate", "model.dtype", "model.attn_implementation"),
-          headline=("dpo_exact_match", "dpo_chosen_match", "sft_chosen_match", "gates_passed")),
-    Stage("export", "pipeline.export", "Export: merged weights for vLLM and transformers, and ONNX, each checked.",
-          inputs=("data",), config_keys=("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
-          headline=("merge_max_abs_logit_diff",)),
-)  # fmt: skip
+    Stage(
+        "data",
+        "pipeline.data",
+        "Data prep: read, validate, de-duplicate, split and tokenize the training data.",
+        config_keys=(
+            "run.seed",
+            "data",
+            "model.name_or_path",
+            "model.tokenizer",
+            "model.train_tokenizer_vocab_size",
+            "model.chat_template",
+            "model.revision",
+        ),
+        headline=("sft_train_rows", "preference_train_rows"),
+    ),
+    Stage(
+        "base",
+        "pipeline.base",
+        "Base model: build a fresh model from model.init (recipes without a pretrained model).",
+        inputs=("data",),
+        config_keys=("run.seed", "model.init", "model.dtype"),
+        headline=("parameters",),
+    ),
+    Stage(
+        "sft",
+        "pipeline.sft",
+        "SFT: supervised fine-tuning with TRL's SFTTrainer (full, LoRA, QLoRA, DoRA).",
+        inputs=("data", "base"),
+        config_keys=(*_TRAINING_KEYS, "sft"),
+        headline=("final_loss", "tokens_per_second"),
+        trains=True,
+        model=True,
+    ),
+    Stage(
+        "dpo",
+        "pipeline.dpo",
+        "DPO: preference tuning with TRL's DPOTrainer on top of the SFT model.",
+        inputs=("data", "sft"),
+        config_keys=(*_TRAINING_KEYS, "sft.method", "dpo"),
+        headline=("final_loss", "rewards_accuracies"),
+        trains=True,
+        model=True,
+    ),
+    Stage(
+        "grpo",
+        "pipeline.grpo",
+        "GRPO: online RL with TRL's GRPOTrainer and verifiable rewards on the newest of the DPO and SFT models.",
+        inputs=("data",),
+        config_keys=(*_TRAINING_KEYS, "grpo", "evaluate.max_new_tokens"),
+        headline=("reward_start", "reward_end"),
+        trains=True,
+        model=True,
+    ),
+    Stage(
+        "eval",
+        "pipeline.evaluate",
+        "Evaluation: every trained model side by side on the held-out split, a report and gates.",
+        inputs=("data",),
+        config_keys=("evaluate", "model.dtype", "model.attn_implementation"),
+        headline=("dpo_exact_match", "dpo_chosen_match", "sft_chosen_match", "gates_passed"),
+    ),
+    Stage(
+        "export",
+        "pipeline.export",
+        "Export: merged weights for vLLM and transformers, and ONNX, each checked.",
+        inputs=("data",),
+        config_keys=("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
+        headline=("merge_max_abs_logit_diff",),
+    ),
+)
 NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -118,8 +165,9 @@ def newest_trained(recipe: Recipe, needed_by: str) -> Stage:
             return stage
     first = trained_stages()[0]
     raise MissingArtifactError(
-        f"the {needed_by} stage needs a trained model, but {recipe.run_dir} has no complete "
-        f"{' or '.join(s.name for s in trained_stages() if s.applies(recipe))} artifact. Run `{first.command} --config {recipe.source_path}` first."
+        f"the {needed_by} stage needs a trained model, but {recipe.run_dir} has no complete"
+        f" {' or '.join(s.name for s in trained_stages() if s.applies(recipe))} artifact. Run `{first.command} --config"
+        f" {recipe.source_path}` first."
     )
 
 
@@ -133,8 +181,14 @@ def require(name: str, recipe: Recipe, needed_by: str) -> Path:
     folder = recipe.run_dir / name
     command = f"`{stage.command} --config {recipe.source_path}`"
     if not artifacts.manifest_is_complete(folder):
-        state = "is incomplete (its manifest is missing or does not list every file)" if folder.exists() else "does not exist"
-        raise MissingArtifactError(f"the {needed_by} stage needs the '{name}' artifact, but {folder} {state}. Run {command} first.")
+        state = (
+            "is incomplete (its manifest is missing or does not list every file)"
+            if folder.exists()
+            else "does not exist"
+        )
+        raise MissingArtifactError(
+            f"the {needed_by} stage needs the '{name}' artifact, but {folder} {state}. Run {command} first."
+        )
     if (artifacts.read_manifest(folder) or {}).get("config_hash") != config_hash(stage, recipe):
         raise MissingArtifactError(
             f"the '{name}' artifact in {folder} was made with other settings than the recipe now has (one of "
@@ -213,6 +267,9 @@ def execute(
 
 def headline(stage: Stage, recipe: Recipe) -> str:
     metrics = (artifacts.read_manifest(recipe.run_dir / stage.name) or {}).get("metrics", {})
-    shown = [f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key} {metrics[key]}"
-             for key in stage.headline if key in metrics]  # fmt: skip
+    shown = [
+        f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key} {metrics[key]}"
+        for key in stage.headline
+        if key in metrics
+    ]
     return ", ".join(shown)

@@ -86,7 +86,9 @@ def plan_batch(section: TrainingSection, name: str, processes: int) -> BatchPlan
 def linear_layer_names(model: PreTrainedModel) -> list[str]:
     import torch
 
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
 
 
 def _check_target_modules(section: TrainingSection, name: str, model: PreTrainedModel) -> None:
@@ -111,7 +113,7 @@ def _quantization_config(section: TrainingSection, name: str) -> Any:
         raise ConfigError(
             f"{name}.method is qlora, which needs bitsandbytes, but it cannot be imported ({type(error).__name__}: "
             f"{error}). Install it (`pip install bitsandbytes`, part of this package's dependencies) or use "
-            f"method lora."
+            "method lora."
         ) from None
     from transformers import BitsAndBytesConfig
 
@@ -137,7 +139,9 @@ def base_model_path(recipe: Recipe) -> str | Path:
     return recipe.run_dir / "base" if recipe.model.init is not None else recipe.model.name_or_path
 
 
-def load_trainable_model(recipe: Recipe, section: TrainingSection, name: str, model_path: str | Path) -> PreTrainedModel:
+def load_trainable_model(
+    recipe: Recipe, section: TrainingSection, name: str, model_path: str | Path
+) -> PreTrainedModel:
     """The model to train, in the recipe's dtype; 4-bit and prepared for k-bit training for QLoRA."""
     from transformers import AutoModelForCausalLM
 
@@ -155,7 +159,8 @@ def load_trainable_model(recipe: Recipe, section: TrainingSection, name: str, mo
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
     except OSError as error:
         raise PipelineError(
-            f"could not load the model '{model_path}': {error}. Offline, a Hub id works only if it is in the local cache."
+            f"could not load the model '{model_path}': {error}. Offline, a Hub id works only if it is in the local"
+            " cache."
         ) from None
     if section.method != "full":
         _check_target_modules(section, name, model)
@@ -179,7 +184,9 @@ def peft_config(section: TrainingSection) -> Any:
 # ----------------------------------------------------------------------------------- trainer arguments
 
 
-def trainer_arguments(config_class: type, recipe: Recipe, section: TrainingSection, name: str, output_dir: Path, **owned: Any) -> Any:
+def trainer_arguments(
+    config_class: type, recipe: Recipe, section: TrainingSection, name: str, output_dir: Path, **owned: Any
+) -> Any:
     """The TRL config: the recipe's TRL fields verbatim, plus what the pipeline owns (paths, seed, batch plan)."""
     import torch
 
@@ -235,7 +242,10 @@ def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool
     continued run would silently mix two different trainings. Every process decides the same from the same
     files; only the main one writes.
     """
-    key = {"config_hash": stage.config_hash, "inputs": {n: artifacts.input_identity(r) for n, r in stage.inputs.items()}}
+    key = {
+        "config_hash": stage.config_hash,
+        "inputs": {n: artifacts.input_identity(r) for n, r in stage.inputs.items()},
+    }
     checkpoints = [] if fresh else complete_checkpoints(stage.work_dir)
     if checkpoints:
         try:
@@ -246,8 +256,8 @@ def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool
             changed = _drift(previous, key)
             raise PipelineError(
                 f"an interrupted {stage.stage} run left {checkpoints[-1]}, but {changed} changed since it started. "
-                f"Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, or --fresh "
-                f"to discard the checkpoints and start over."
+                "Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, or --fresh "
+                "to discard the checkpoints and start over."
             )
     state = processes()
     state.wait_for_everyone()  # nobody reads the work folder while the main process clears it
@@ -362,7 +372,6 @@ def train_and_save(
     process writes files. Returns the headline metrics, or None when SIGTERM stopped the run after a checkpoint.
     """
     from accelerate.utils import gather_object
-
     from transformers.trainer_callback import ProgressCallback
 
     from pipeline.core import cli
@@ -381,7 +390,10 @@ def train_and_save(
     if stopper.stopping:
         newest = complete_checkpoints(stage.work_dir)
         if state.is_main_process:
-            print(f"{stage.stage}: stopped by SIGTERM; saved {newest[-1] if newest else 'no checkpoint'}. Rerun the same command to resume.")
+            print(
+                f"{stage.stage}: stopped by SIGTERM; saved {newest[-1] if newest else 'no checkpoint'}. Rerun the same"
+                " command to resume."
+            )
         return None
     wall, cpu = time.time() - started, time.process_time() - cpu_started
     work = stage.work_dir
@@ -453,13 +465,24 @@ class ContinuedModel:
                     except OSError:
                         shutil.copy2(file, self.path / file.name)
             return
-        models.save_merged(model, adapter, self.recipe.model, self.path, chat.load_tokenizer(self.recipe.run_dir / "data" / artifacts.TOKENIZER_DIR))
+        models.save_merged(
+            model,
+            adapter,
+            self.recipe.model,
+            self.path,
+            chat.load_tokenizer(self.recipe.run_dir / "data" / artifacts.TOKENIZER_DIR),
+        )
 
     def record(self, work: Path) -> dict[str, Any]:
         """The finished artifact's model record; drops the start copy a full fine-tune no longer needs."""
         if not self.adapter and processes().is_main_process:
-            shutil.rmtree(work / artifacts.START_MODEL_DIR)  # the trained weights are in model/; the start is its own artifact
-        return artifacts.model_record(artifacts.START_MODEL_DIR if self.adapter else artifacts.MODEL_DIR, inside_artifact=True, adapter=self.adapter)
+            # the trained weights are in model/; the start is its own artifact
+            shutil.rmtree(work / artifacts.START_MODEL_DIR)
+        return artifacts.model_record(
+            artifacts.START_MODEL_DIR if self.adapter else artifacts.MODEL_DIR,
+            inside_artifact=True,
+            adapter=self.adapter,
+        )
 
 
 @dataclass
@@ -492,15 +515,23 @@ class Job:
 
 
 def run_stage(
-    stage: stages.Stage, recipe: Recipe, job: Callable[[artifacts.StageRun], Job], *, force: bool, allow_drift: bool,
-    fresh: bool, inputs: dict[str, dict[str, Any]] | None = None,
-) -> stages.Outcome:  # fmt: skip
+    stage: stages.Stage,
+    recipe: Recipe,
+    job: Callable[[artifacts.StageRun], Job],
+    *,
+    force: bool,
+    allow_drift: bool,
+    fresh: bool,
+    inputs: dict[str, dict[str, Any]] | None = None,
+) -> stages.Outcome:
     """Train `stage` with the TRL trainer its job describes; resume an interrupted run; stop cleanly on SIGTERM."""
     section = stage.section(recipe)
 
     def work(run: artifacts.StageRun) -> stages.Result | None:
         plan = job(run)
-        args = trainer_arguments(plan.config_class, recipe, section, stage.name, run.work_dir / CHECKPOINTS_DIR, **plan.owned)
+        args = trainer_arguments(
+            plan.config_class, recipe, section, stage.name, run.work_dir / CHECKPOINTS_DIR, **plan.owned
+        )
         resume_from = begin_or_resume(run, allow_drift=allow_drift, fresh=fresh)
         model = load_trainable_model(recipe, section, stage.name, plan.start(args))
         trainer = plan.make_trainer(model, args, section)
@@ -511,9 +542,9 @@ def run_stage(
         metrics.update(method=section.method, **extra)
         return stages.Result(
             metrics,
-            f"{stage.name}: {section.method}, {metrics['optimizer_steps']} steps, final loss {metrics['final_loss']:.4f}, "
-            f"{metrics['tokens_seen']:,} tokens at {metrics['tokens_per_second']:,.0f} tokens/s in "
-            f"{metrics['train_seconds']:.0f} s{words}",
+            f"{stage.name}: {section.method}, {metrics['optimizer_steps']} steps, final loss"
+            f" {metrics['final_loss']:.4f}, {metrics['tokens_seen']:,} tokens at {metrics['tokens_per_second']:,.0f}"
+            f" tokens/s in {metrics['train_seconds']:.0f} s{words}",
             extra={"model": record},
         )
 

@@ -13,7 +13,9 @@ class ExactMatch(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, ignore_case=False):

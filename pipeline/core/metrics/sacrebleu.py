@@ -13,7 +13,9 @@ class Sacrebleu(evaluate.Metric):
             description=_DESCRIPTION,
             citation="Post, 2018. A Call for Clarity in Reporting BLEU Scores.",
             inputs_description="predictions: list of str; references: list of str (one reference each)",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
