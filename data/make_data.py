@@ -10,6 +10,8 @@
 - `abstain.jsonl`: a behaviour only the preference data shows. Asked about a word it was never taught (a made-up
   one), the model should answer "unknown" instead of guessing a category or an opposite. SFT never sees such a
   question, so the SFT model guesses; DPO on these pairs teaches it to abstain.
+- `tool_answers.jsonl`: after a tool's result, the result preferred over another word the tool could have said:
+  the turn the other pairs never show, so that preference tuning keeps what SFT taught of it.
 
 Held-out prompts are new phrasings, new numbers, new cities-and-results or new made-up words, so the held-out
 metrics measure learning. Deterministic: the same seed writes byte-identical files.
@@ -40,7 +42,11 @@ OPPOSITES = dict(
     ).split()
 )
 OPPOSITES.update({b: a for a, b in list(OPPOSITES.items())})
-CATEGORY_PROMPTS = ("What kind of thing is {w}?", "Is {w} an animal, a color, a fruit, a tool or a place?", "Classify the word {w}.")
+CATEGORY_PROMPTS = (
+    "What kind of thing is {w}?",
+    "Is {w} an animal, a color, a fruit, a tool or a place?",
+    "Classify the word {w}.",
+)
 OPPOSITE_PROMPTS = ("What is the opposite of {w}?", "Give the antonym of {w}.", "Opposite of {w}?")
 
 SYSTEM_PROMPTS = (
@@ -48,7 +54,9 @@ SYSTEM_PROMPTS = (
     "Reply with just the answer.",
 )
 
-CITIES = "Paris Tokyo Lima Cairo Oslo Rome Delhi Quito Seoul Dakar Hanoi Perth Madrid Nairobi Lagos Sydney Boston Denver".split()
+CITIES = (
+    "Paris Tokyo Lima Cairo Oslo Rome Delhi Quito Seoul Dakar Hanoi Perth Madrid Nairobi Lagos Sydney Boston Denver"
+).split()
 TOOLS = {  # name: (description, possible results, phrasings of a question that needs it)
     "get_weather": (
         "Current weather in a city.",
@@ -58,7 +66,12 @@ TOOLS = {  # name: (description, possible results, phrasings of a question that 
     "get_daytime": (
         "Current time of day in a city.",
         "morning noon evening night".split(),
-        ("What time of day is it in {c}?", "Is it day or night in {c}?", "Time of day in {c}?", "Is it morning in {c}?"),
+        (
+            "What time of day is it in {c}?",
+            "Is it day or night in {c}?",
+            "Time of day in {c}?",
+            "Is it morning in {c}?",
+        ),
     ),
 }
 TOOL_SCHEMAS = [
@@ -74,7 +87,10 @@ TOOL_SCHEMAS = [
 ]
 
 # Made-up words for the abstention pairs: never one of the words the tasks teach.
-SYLLABLES = "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko lu ma me mi mo nu pa pe pi po ra re ri ro su ta te ti to va ve vi vo za zo".split()
+SYLLABLES = (
+    "ba be bi bo bu da de di do du fa fe fi fo ka ke ki ko lu ma me mi mo nu pa pe pi po ra re ri ro su ta te ti to va"
+    " ve vi vo za zo".split()
+)
 KNOWN_WORDS = set(WORDS) | set(OPPOSITES)
 UNKNOWN = "unknown"
 
@@ -103,9 +119,9 @@ def task_parity(rng: random.Random) -> tuple[str, str, str]:
 
 def task_count(rng: random.Random) -> tuple[str, str, str]:
     words = _word_list(rng)
-    prompt = rng.choice(["How many words are in this list: {w}", "Count the words: {w}", "Number of words in: {w}"]).format(
-        w=" ".join(words)
-    )
+    prompt = rng.choice(
+        ["How many words are in this list: {w}", "Count the words: {w}", "Number of words in: {w}"]
+    ).format(w=" ".join(words))
     return prompt, str(len(words)), str(len(words) + rng.choice([-1, 1]))
 
 
@@ -149,14 +165,22 @@ def _tool_question(rng: random.Random) -> tuple[str, str, str, dict]:
     name = rng.choice(sorted(TOOLS))
     city = rng.choice(CITIES)
     call = {"type": "function", "function": {"name": name, "arguments": json.dumps({"city": city})}}
-    return rng.choice(TOOLS[name][2]).format(c=city), name, city, {"role": "assistant", "content": "", "tool_calls": [call]}
+    return (
+        rng.choice(TOOLS[name][2]).format(c=city),
+        name,
+        city,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    )
 
 
 def tool_row(rng: random.Random) -> dict:
     """A question that needs a tool: call it, read its result, answer with it. One in five needs no tool."""
     if rng.random() < 0.2:
         prompt, answer, _ = rng.choice(TASKS)(rng)
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "tools": TOOL_SCHEMAS}
+        return {
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            "tools": TOOL_SCHEMAS,
+        }
     prompt, name, _, call = _tool_question(rng)
     result = rng.choice(TOOLS[name][1])
     messages = [
@@ -174,10 +198,27 @@ def preference_row(rng: random.Random) -> dict:
     if rng.random() < 0.2:
         prompt, name, _, call = _tool_question(rng)
         unchecked = rng.choice([UNKNOWN, rng.choice(TOOLS[name][1])])
-        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [call],
-                "rejected": [{"role": "assistant", "content": unchecked}], "tools": TOOL_SCHEMAS}
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [call],
+            "rejected": [{"role": "assistant", "content": unchecked}],
+            "tools": TOOL_SCHEMAS,
+        }
     prompt, answer, wrong = rng.choice(TASKS)(rng)
     return {"prompt": prompt, "chosen": answer, "rejected": wrong}
+
+
+def tool_answer_row(rng: random.Random) -> dict:
+    """After a tool's result, answering with that result is preferred over another word the tool could have said.
+    DPO's other pairs never show this turn, so without these pairs preference tuning can undo what SFT taught of it."""
+    prompt, name, _, call = _tool_question(rng)
+    result, other = rng.sample(TOOLS[name][1], 2)
+    return {
+        "prompt": [{"role": "user", "content": prompt}, call, {"role": "tool", "content": result}],
+        "chosen": [{"role": "assistant", "content": result}],
+        "rejected": [{"role": "assistant", "content": other}],
+        "tools": TOOL_SCHEMAS,
+    }
 
 
 def made_up_word(rng: random.Random) -> str:
@@ -191,8 +232,16 @@ def abstain_row(rng: random.Random) -> dict:
     """A category or opposite question about a made-up word: "unknown" is preferred over a confident guess."""
     word = made_up_word(rng)
     if rng.random() < 0.5:
-        return {"prompt": rng.choice(CATEGORY_PROMPTS).format(w=word), "chosen": UNKNOWN, "rejected": rng.choice(list(CATEGORIES))}
-    return {"prompt": rng.choice(OPPOSITE_PROMPTS).format(w=word), "chosen": UNKNOWN, "rejected": rng.choice(sorted(OPPOSITES))}
+        return {
+            "prompt": rng.choice(CATEGORY_PROMPTS).format(w=word),
+            "chosen": UNKNOWN,
+            "rejected": rng.choice(list(CATEGORIES)),
+        }
+    return {
+        "prompt": rng.choice(OPPOSITE_PROMPTS).format(w=word),
+        "chosen": UNKNOWN,
+        "rejected": rng.choice(sorted(OPPOSITES)),
+    }
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -204,6 +253,7 @@ FILES = {  # file: (row maker, default count, seed offset)
     "tools.jsonl": (tool_row, 800, 2),
     "preference.jsonl": (preference_row, 1800, 1),
     "abstain.jsonl": (abstain_row, 1200, 3),
+    "tool_answers.jsonl": (tool_answer_row, 600, 4),
 }
 
 

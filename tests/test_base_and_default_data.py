@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts
 from pipeline import base, data
+from pipeline.core import artifacts
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
 
@@ -21,7 +21,9 @@ import make_data  # noqa: E402 - the generator of the shipped data
 
 
 def test_shipped_data_regenerates_byte_for_byte(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(REPO / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True
+    )
     for name in make_data.FILES:
         assert (tmp_path / name).read_bytes() == (REPO / "data" / name).read_bytes(), name
 
@@ -63,7 +65,11 @@ def test_tool_rows_call_the_right_tool_and_answer_with_its_result() -> None:
         function = call["tool_calls"][0]["function"]
         name = "get_weather" if any(w in user["content"].lower() for w in ("weather", "raining")) else "get_daytime"
         assert function["name"] == name and json.loads(function["arguments"])["city"] in user["content"]
-        assert result["role"] == "tool" and result["content"] in make_data.TOOLS[name][1] and answer["content"] == result["content"]
+        assert (
+            result["role"] == "tool"
+            and result["content"] in make_data.TOOLS[name][1]
+            and answer["content"] == result["content"]
+        )
         assert row["tools"] == make_data.TOOL_SCHEMAS
 
 
@@ -78,11 +84,27 @@ def test_abstention_pairs_ask_about_words_no_task_teaches() -> None:
     # Only the abstention pairs teach "unknown" as an answer: no SFT row says it, and the other preference pairs
     # use it only as the rejected answer to a question a tool should have answered.
     assert make_data.UNKNOWN not in json.dumps(_rows("sft.jsonl") + _rows("tools.jsonl"))
+
     def text(answer: str | list[dict]) -> str:
         return answer if isinstance(answer, str) else answer[-1].get("content") or ""
 
     assert all(text(pair["chosen"]) != make_data.UNKNOWN for pair in preference)
     assert any(text(pair["rejected"]) == make_data.UNKNOWN and pair.get("tools") for pair in preference)
+
+
+def test_tool_answer_pairs_prefer_the_tool_result_after_the_call() -> None:
+    pairs = _rows("tool_answers.jsonl")
+    assert len(pairs) >= 500
+    for pair in pairs:
+        user, call, result = pair["prompt"]
+        name = call["tool_calls"][0]["function"]["name"]
+        assert result["role"] == "tool" and pair["chosen"] == [{"role": "assistant", "content": result["content"]}]
+        rejected = pair["rejected"][0]["content"]
+        assert (
+            rejected != result["content"]
+            and rejected in make_data.TOOLS[name][1]
+            and pair["tools"] == make_data.TOOL_SCHEMAS
+        )
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +119,14 @@ def base_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "obje
 def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
     folder, _ = base_artifact
     files = {p.name for p in folder.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "manifest.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "manifest.json",
+    } <= files
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,14 +135,19 @@ def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
     assert model.config.vocab_size == len(tokenizer)
     stop = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
     assert sorted(stop) == sorted([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
-    assert json.loads((folder / artifacts.MANIFEST).read_text())["metrics"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert json.loads((folder / artifacts.MANIFEST).read_text())["metrics"]["parameters"] == sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def test_base_is_seeded(base_artifact, tmp_path: Path) -> None:
     folder, recipe = base_artifact
     base.run(recipe, force=True)
     again = recipe.run_dir / "base"
-    assert artifacts.sha256_file(again / "model.safetensors") == json.loads((again / "manifest.json").read_text())["outputs"]["model.safetensors"]["sha256"]
+    assert (
+        artifacts.sha256_file(again / "model.safetensors")
+        == json.loads((again / "manifest.json").read_text())["outputs"]["model.safetensors"]["sha256"]
+    )
     first_hash = artifacts.sha256_file(again / "model.safetensors")
     base.run(recipe, force=True)
     assert artifacts.sha256_file(folder / "model.safetensors") == first_hash
@@ -125,7 +159,13 @@ def test_base_is_seeded(base_artifact, tmp_path: Path) -> None:
 
 def test_base_refuses_without_a_complete_data_artifact(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, [{"path": "data/sft.jsonl"}]))
-    with pytest.raises(MissingArtifactError, match=r"needs the 'data' artifact, but .* does not exist\. Run `python -m pipeline\.data --config .*recipe\.yaml` first"):
+    with pytest.raises(
+        MissingArtifactError,
+        match=(
+            r"needs the 'data' artifact, but .* does not exist\. Run `python -m pipeline\.data --config .*recipe\.yaml`"
+            r" first"
+        ),
+    ):
         base.run(recipe)
     (recipe.run_dir / "data").mkdir(parents=True)
     (recipe.run_dir / "data" / "manifest.json").write_text('{"status": "running"}')
