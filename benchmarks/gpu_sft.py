@@ -599,7 +599,9 @@ def report(out: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes and a few steps, on the CPU: checks the logic")
+    parser.add_argument(
+        "--tiny", "--smoke", action="store_true", help="tiny sizes and a few steps, on the CPU: checks the logic"
+    )
     parser.add_argument("--attention", help="attention for packed rows (default: flex_attention on CUDA, else sdpa)")
     parser.add_argument("--workdir", help="where models, data and runs go (default: a new temporary folder)")
     parser.add_argument("--budget", type=float, help="seconds for every step together; later steps are skipped past it")
@@ -655,7 +657,8 @@ def main() -> None:
     write(out)
     report(out)
     failed = [n for n, s in out["steps"].items() if s["status"] != "ok"]
-    missed = [n for n, g in out["summary"]["goals"].items() if not g["met"]]
+    # Goals are about a GPU: --tiny checks that every step runs, not the figures.
+    missed = [] if args.tiny else [n for n, g in out["summary"]["goals"].items() if not g["met"]]
     sys.exit(1 if failed or missed else 0)
 
 

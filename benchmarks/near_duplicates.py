@@ -361,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="300 prompts: the logic, not the speed")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows = 300
     print("\n".join(precision_table(labelled_pairs(args.seed), args.threshold)), flush=True)
     print("\n".join(speed(args.rows, args.threshold, args.seed)))
     return 0

@@ -12,6 +12,7 @@ runtime produces the same number of tokens. Reports medians of the repeats and r
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,6 @@ PROMPT_LENGTHS = (32, 256)  # the longer one shrinks to fit a model whose contex
 
 
 def prompt_lengths(model_dir: Path, decode_tokens: int) -> tuple[int, int]:
-    import json
 
     context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
     return PROMPT_LENGTHS[0], min(PROMPT_LENGTHS[1], context - decode_tokens - 1)
@@ -122,7 +122,12 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 2-layer model, 4 tokens, one repeat: the logic in seconds"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.decode_tokens, args.repeats = 4, 1
 
     from pipeline import export
     from pipeline.core import artifacts, stages
@@ -132,9 +137,7 @@ def main() -> None:
     export_dir = stages.require("export", recipe, "benchmark")
     onnx_root = export_dir / artifacts.ONNX_DIR
     default_onnx = {p.name: p for p in sorted(onnx_root.iterdir())} if onnx_root.is_dir() else {}
-    vocab = len(
-        __import__("json").loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"]
-    )
+    vocab = len(json.loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"])
     measure(
         f"default recipe export ({recipe.run.name})",
         export_dir / artifacts.MODEL_DIR,
@@ -145,12 +148,14 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as scratch:
-        folder = build_135m(Path(scratch) / "model", export_dir / artifacts.MODEL_DIR)
+        folder = build_135m(Path(scratch) / "model", export_dir / artifacts.MODEL_DIR, smoke=args.smoke)
         onnx_dirs = {}
         for precision in ("fp32", "int4"):
             onnx_dirs[precision] = Path(scratch) / precision
             export.build_onnx(folder, onnx_dirs[precision], precision)
-        measure("Llama 135M, random weights", folder, onnx_dirs, 49152, args.decode_tokens, args.repeats)
+        label = "Llama 2 layers (smoke)" if args.smoke else "Llama 135M"
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        measure(f"{label}, random weights", folder, onnx_dirs, vocab, args.decode_tokens, args.repeats)
 
 
 if __name__ == "__main__":

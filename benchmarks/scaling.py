@@ -136,7 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--smoke", action="store_true", help="2 steps per launch: the logic, not the speed")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = 2
 
     run_dir = prepare_default(args.config)
     results = {}

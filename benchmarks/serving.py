@@ -278,17 +278,17 @@ def server_cpus(server: subprocess.Popen) -> dict[str, list[int]]:
     return out
 
 
-def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype: str) -> Path:
+def write_artifact(folder: Path, tokenizer_dir: Path, max_model_len: int, dtype: str, smoke: bool = False) -> Path:
     """An export-shaped folder (serving.json from artifacts.write_serving_file) holding the random 135M model."""
     import shutil
 
     from benchmarks.llama_135m import build_135m
-    from pipeline.core import artifacts
+    from pipeline.core import artifacts, chat
 
-    model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir)
+    model_dir = build_135m(folder / artifacts.MODEL_DIR, tokenizer_dir, smoke=smoke)
     template = model_dir / "chat_template.jinja"
     if not template.exists():  # vllm_arguments passes --chat-template; completions never use it
-        shutil.copy(REPO / "pipeline" / "templates" / "chatml.jinja", template)
+        shutil.copy(chat.BUILTIN_TEMPLATES["chatml"], template)
     generation = json.loads((model_dir / "generation_config.json").read_text())
     stop_ids = generation.get("eos_token_id")
     stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if stop_ids is not None else []
@@ -346,7 +346,18 @@ def main() -> None:
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--server-log", type=Path, help="keep a copy of the vLLM server's log here")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 2-layer model, concurrency 1 and 2, 4 tokens each: the logic, eagerly"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.concurrency, args.output_tokens, args.prompt_tokens, args.bandwidth_gib, args.eager = (
+            [1, 2],
+            4,
+            8,
+            0.05,
+            True,
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -382,8 +393,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
         scratch = Path(scratch)
         started = time.time()
-        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len, args.dtype)
-        print(f"built the random 135M model in {time.time() - started:.0f} s")
+        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len, args.dtype, args.smoke)
+        print(f"built the random {'smoke-sized' if args.smoke else '135M'} model in {time.time() - started:.0f} s")
 
         port = server_process.free_port()
         log_path = scratch / "server.log"

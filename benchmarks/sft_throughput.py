@@ -134,7 +134,14 @@ def main() -> None:
             "one core and one thread each; identical sequential runs differ by up to 20%% here"
         ),
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="3 steps, one pair: the logic, not the speed (the 0.95 goal is not applied)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.repeats = 3, 1
 
     from pipeline import base, data
     from pipeline.core.config import load_recipe
@@ -208,7 +215,7 @@ def main() -> None:
         f" {unpacked['tokens'] / unpacked['seconds']:,.0f} (packing / no packing = {packing_gain:.2f}x; packed steps"
         " carry more real tokens each)"
     )
-    sys.exit(0 if ratio >= 0.95 else 1)
+    sys.exit(0 if ratio >= 0.95 or args.smoke else 1)
 
 
 if __name__ == "__main__":

@@ -337,10 +337,8 @@ class GRPOSection(TrainingSection):
 
 # The largest padding-free micro-batch, in tokens (per-device rows x data.max_length), that attention without row
 # boundaries (sdpa, eager) may take. It keeps the rows apart under a dense mask over the whole flattened micro-batch,
-# so its attention costs grow with the square of that length. On the tiny default's model and data (CPU, one thread),
-# padding-free sdpa trained 7.9k tokens/s at 8 rows a micro-batch (426 tokens on average, at most 8 x 192 = 1,536),
-# 6.3k at 16 rows (803) and 4.0k at 32 (1,627; eager 2.0k), halving as the micro-batch quadrupled (padded rows: 3.1k
-# throughout); packed micro-batches of 16 x 1,024 tokens trained at 3-4% of an H200's bf16 peak.
+# so its attention costs grow with the square of that length (the README's "GPUs: attention and packing" gives the
+# measurements behind the limit).
 DENSE_ATTENTION_TOKEN_LIMIT = 2048
 
 
