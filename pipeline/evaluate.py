@@ -110,7 +110,7 @@ def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.Eng
         "weights": artifacts.weights_identity(folder),
         "evaluate": measured,
         "backend": backend,
-        "context_length": recipe.data.max_length,
+        "context_length": engines.served_context_length(recipe),
         "engine": settings.as_dict(),
         "attn_implementation": recipe.model.attn_implementation,
         "data": data_identity,
@@ -130,12 +130,10 @@ def _evaluate_model(
     """Generate with one model on every held-out set and score it."""
     model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
     model = models.load(model_dir, recipe.model, settings.dtype, device="cuda" if engines.on_gpu() else None)
-    stop_ids = model.generation_config.eos_token_id
-    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
+    stop_ids = engines.model_stop_ids(model)
     sets = held.generation_sets()
     limit = recipe.evaluate.max_new_tokens
-    # The context the export is served with (export.py): an answer that would run past it is cut as the server cuts it.
-    context = recipe.data.max_length
+    context = engines.served_context_length(recipe)
     if backend == "hf":
         outputs = {
             name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size, context)

@@ -258,7 +258,7 @@ def _export(
     artifacts.write_serving_file(
         work,
         served_model_name=recipe.serve.served_model_name or recipe.run.name,
-        max_model_len=recipe.data.max_length,
+        max_model_len=engines.served_context_length(recipe),
         dtype=recipe.model.dtype,
         stop_ids=stop_ids,
         stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),

@@ -87,7 +87,9 @@ def _unsolved(rows: list[dict], recipe: Recipe, start_from: stages.Stage, tokeni
     model = models.load_merged(base, adapter, recipe.model).to(PartialState().device)
     model.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
     ids = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in rows]
-    answers = engines.hf_generate(model, tokenizer, ids, max_new_tokens, context_length=recipe.data.max_length)
+    answers = engines.hf_generate(
+        model, tokenizer, ids, max_new_tokens, context_length=engines.served_context_length(recipe)
+    )
     return [row for row, answer in zip(rows, answers) if not rewards.solved(row, answer)]
 
 

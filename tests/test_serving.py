@@ -164,7 +164,7 @@ def assert_served_as_hf(reply, prompt_ids: list[int], model, tokenizer) -> float
 
     assert reply.model_extra["prompt_token_ids"] == prompt_ids
     tokens = reply.choices[0].model_extra["token_ids"]
-    text = engines.decode_answer(tokenizer, tokens, model.generation_config.eos_token_id)
+    text = engines.decode_answer(tokenizer, tokens, engines.model_stop_ids(model))
     assert served_view(reply.choices[0].message) == chat.served_reply(text)
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]

@@ -14,6 +14,15 @@ from serving import middleware
 
 from conftest import REPO, write_recipe
 
+# serving.json of an export, as vllm_arguments reads it.
+SERVING = {
+    "model": "model",
+    "served_model_name": "m",
+    "max_model_len": 64,
+    "chat_template": "model/t.jinja",
+    "dtype": "float32",
+}
+
 
 def test_the_api_key_on_the_command_line_warns(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import importlib.util
@@ -43,13 +52,7 @@ def test_without_vllm_the_command_names_the_extra(monkeypatch: pytest.MonkeyPatc
 def test_cpu_hosts_serve_in_the_exports_dtype_eagerly(tmp_path: Path, export_dtype: str) -> None:
     from serving import vllm_server
 
-    serving = {
-        "model": "model",
-        "served_model_name": "m",
-        "max_model_len": 64,
-        "chat_template": "model/t.jinja",
-        "dtype": export_dtype,
-    }
+    serving = {**SERVING, "dtype": export_dtype}
     arguments = vllm_server.vllm_arguments(
         tmp_path, serving, "127.0.0.1", 8000, False, ["--no-enforce-eager"], on_gpu=False
     )
@@ -66,13 +69,7 @@ def test_a_bfloat16_model_is_served_as_it_was_evaluated(tmp_path: Path, gpu: boo
 
     recipe = load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}]), ["model.dtype=bfloat16"])
     evaluated = engines.engine_settings(recipe.model.dtype, gpu)
-    serving = {
-        "model": "model",
-        "served_model_name": "m",
-        "max_model_len": 64,
-        "chat_template": "model/t.jinja",
-        "dtype": recipe.model.dtype,
-    }
+    serving = {**SERVING, "dtype": recipe.model.dtype}
     arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=gpu)
     assert arguments[arguments.index("--dtype") + 1] == evaluated.dtype == "bfloat16"
     assert ("--enforce-eager" in arguments) == evaluated.enforce_eager == (not gpu)
@@ -81,13 +78,7 @@ def test_a_bfloat16_model_is_served_as_it_was_evaluated(tmp_path: Path, gpu: boo
 def test_the_server_runs_behind_the_middleware_and_refuses_a_key_for_vllm_alone(tmp_path: Path) -> None:
     from serving import vllm_server
 
-    serving = {
-        "model": "model",
-        "served_model_name": "m",
-        "max_model_len": 64,
-        "chat_template": "model/t.jinja",
-        "dtype": "float32",
-    }
+    serving = SERVING
     arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False, max_tokens=32)
     assert arguments[arguments.index("--middleware") + 1] == "serving.middleware.ServingGuard"
     assert json.loads(arguments[arguments.index("--override-generation-config") + 1]) == {"max_new_tokens": 32}
@@ -116,14 +107,7 @@ def test_serving_settings_come_from_the_command_line_then_the_recipe_then_the_de
 def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path: Path) -> None:
     from serving import vllm_server
 
-    serving = {
-        "model": "model",
-        "served_model_name": "m",
-        "max_model_len": 64,
-        "chat_template": "model/t.jinja",
-        "dtype": "float32",
-        "tool_call_parser": "hermes",
-    }
+    serving = {**SERVING, "tool_call_parser": "hermes"}
     arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False)
     assert arguments[arguments.index("--tool-parser-plugin") + 1] == "serving.tool_parser"
     assert arguments[arguments.index("--tool-call-parser") + 1] == vllm_server.WHOLE_CALL_HERMES

@@ -93,6 +93,18 @@ def prompt_ids(tokenizer: Any, prompts: list[list[dict]], tools: list[Any] | Non
     return [chat.render_ids(tokenizer, p, t, add_generation_prompt=True)["input_ids"] for p, t in zip(prompts, tools)]
 
 
+def served_context_length(recipe: Any) -> int:
+    """The context an export is served with (vLLM's --max-model-len): the length the model was trained on. Evaluation
+    generates within it, so an answer the server would cut is cut there too."""
+    return recipe.data.max_length
+
+
+def model_stop_ids(model: Any) -> list[int]:
+    """The stop tokens of a model's generation config, always as a list (transformers allows one id)."""
+    stop_ids = model.generation_config.eos_token_id
+    return stop_ids if isinstance(stop_ids, list) else [stop_ids]
+
+
 def new_token_budget(prompt_length: int, max_new_tokens: int, context_length: int) -> int:
     """How many tokens may follow a prompt: `max_new_tokens`, and never past the context length, as vLLM's server
     caps a request (prompt plus answer within --max-model-len). Every engine applies it, so an answer cut by the
@@ -122,8 +134,7 @@ def hf_generate(
 
     model.eval()
     context_length = context_length or model.config.max_position_embeddings
-    stop_ids = model.generation_config.eos_token_id
-    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
+    stop_ids = model_stop_ids(model)
     pad = tokenizer.pad_token_id
     answers: list[str] = []
     for start in range(0, len(ids), batch_size):
