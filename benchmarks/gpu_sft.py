@@ -201,7 +201,7 @@ def _recipe(spec: dict, workdir: Path, size: str) -> Path:
             "num_proc": min(8, os.cpu_count() or 1),
         },
         "model": {
-            "name_or_path": str(workdir / "models" / size),
+            "name_or_path": str(workdir / "built" / size),
             "chat_template": "chatml",
             "dtype": spec["dtype"],
             "attn_implementation": spec["attention"],
@@ -243,7 +243,7 @@ def step_prepare(spec: dict, workdir: Path) -> dict:
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec["dtype"]))
-        folder = workdir / "models" / size
+        folder = workdir / "built" / size
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
         out["sizes"][size] = {"parameters": sum(p.numel() for p in model.parameters())}
@@ -258,7 +258,9 @@ def step_prepare(spec: dict, workdir: Path) -> dict:
 def _row_lengths(run_dir: Path) -> list[int]:
     import datasets
 
-    return list(datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"]["length"])
+    from pipeline.core import artifacts, stages
+
+    return list(datasets.load_from_disk(str(run_dir / stages.DATA.name / artifacts.SFT_DATA_DIR))["train"]["length"])
 
 
 def _step_clock(warmup: int) -> Any:
@@ -302,7 +304,7 @@ def _peak_memory_gb() -> float:
 def step_pipeline(spec: dict, workdir: Path, size: str, overrides: list[str]) -> dict:
     """The pipeline's SFT stage, as `python -m pipeline.sft --force` runs it, with the step clock added."""
     from pipeline import sft
-    from pipeline.core import artifacts, training
+    from pipeline.core import artifacts, stages, training
     from pipeline.core.config import load_recipe
 
     clock = _step_clock(spec["warmup_steps"])
@@ -315,8 +317,8 @@ def step_pipeline(spec: dict, workdir: Path, size: str, overrides: list[str]) ->
     timed.unwrapped = train_and_save
     training.train_and_save = timed
     recipe = load_recipe(workdir / f"recipe-{size}.yaml", overrides)
-    sft.run(recipe, force=True)
-    metrics = artifacts.read_manifest(recipe.run_dir / "sft")["metrics"]
+    sft.run(recipe, stages.Options(force=True))
+    metrics = artifacts.read_manifest(stages.SFT.folder(recipe))["metrics"]
     return {
         **clock.result(),
         "peak_memory_gb": max(metrics["peak_memory_mb_per_process"]) / 1024,
@@ -344,11 +346,13 @@ def step_bare(spec: dict, workdir: Path, size: str, method: str) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    model = AutoModelForCausalLM.from_pretrained(str(workdir / "models" / size), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(workdir / "built" / size), **kwargs)
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "data" / "tokenizer"))
-    train = datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"].select_columns(
+    from pipeline.core import artifacts, stages
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / stages.DATA.name / artifacts.TOKENIZER_DIR))
+    train = datasets.load_from_disk(str(run_dir / stages.DATA.name / artifacts.SFT_DATA_DIR))["train"].select_columns(
         ["messages", "input_ids", "assistant_masks"]
     )
     args = SFTConfig(

@@ -134,7 +134,7 @@ def main() -> None:
     from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
-    export_dir = stages.require("export", recipe, "benchmark")
+    export_dir = stages.require(stages.EXPORT, recipe, "benchmark")
     onnx_root = export_dir / artifacts.ONNX_DIR
     default_onnx = {p.name: p for p in sorted(onnx_root.iterdir())} if onnx_root.is_dir() else {}
     vocab = len(json.loads((export_dir / artifacts.MODEL_DIR / "tokenizer.json").read_text())["model"]["vocab"])
@@ -148,7 +148,7 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as scratch:
-        folder = build_135m(Path(scratch) / "model", export_dir / artifacts.MODEL_DIR, smoke=args.smoke)
+        folder = build_135m(Path(scratch) / "built", export_dir / artifacts.MODEL_DIR, smoke=args.smoke)
         onnx_dirs = {}
         for precision in ("fp32", "int4"):
             onnx_dirs[precision] = Path(scratch) / precision

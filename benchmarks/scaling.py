@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.core import artifacts, stages
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -89,7 +91,7 @@ def measure(config: str, run_dir: Path, launch_config: str, steps: int, scratch:
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{launch_config} failed:\n{result.stderr[-3000:]}")
-    manifest = json.loads((output / run_dir.name / "sft" / "manifest.json").read_text())
+    manifest = json.loads((output / run_dir.name / stages.SFT.name / artifacts.MANIFEST).read_text())
     return {**manifest["metrics"], "launch_seconds": round(time.time() - started, 1)}
 
 

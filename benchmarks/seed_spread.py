@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.core import artifacts, stages
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -98,7 +100,7 @@ def read_run(output: Path, family: str, seed: int) -> dict:
     name = f"{family}-seed{seed}"
     run_dir = output / name
     record: dict = {"family": family, "seed": seed, "log": str(output / f"{name}.log")}
-    metrics_file = run_dir / "eval" / "metrics.json"
+    metrics_file = run_dir / stages.EVAL.name / artifacts.METRICS_FILE
     if not metrics_file.is_file():
         record["error"] = f"no evaluation; see {record['log']}"
         return record
@@ -121,12 +123,12 @@ def read_run(output: Path, family: str, seed: int) -> dict:
     record["gates"] = summary["gates"]
     record["gates_passed"] = summary["gates_passed"]
     for stage, keys in STAGE_FIGURES.items():
-        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        manifest = json.loads((run_dir / stage / artifacts.MANIFEST).read_text())
         record["metrics"].update(
             {f"{stage}:{key}": manifest["metrics"][key] for key in keys if manifest["metrics"].get(key) is not None}
         )
     for stage in ("data", "base", "sft", "dpo", "eval"):
-        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        manifest = json.loads((run_dir / stage / artifacts.MANIFEST).read_text())
         record["metrics"][f"seconds:{stage}"] = manifest["wall_seconds"]
     # Gate-style differences, so their spread is measured too.
     m = record["metrics"]

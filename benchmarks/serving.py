@@ -237,10 +237,8 @@ def start_server(artifact: Path, config: str, port: int, log_path: Path, compile
                 config,
                 "--artifact",
                 str(artifact),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
+                "serve.host=127.0.0.1",
+                f"serve.port={port}",
                 "--api-key",
                 API_KEY,
                 *(["--", "--no-enforce-eager"] if compile_graphs else []),
@@ -367,7 +365,7 @@ def main() -> None:
     from pipeline.core.config import load_recipe
 
     recipe = load_recipe(args.config)
-    tokenizer_dir = stages.require("data", recipe, "benchmark") / artifacts.TOKENIZER_DIR
+    tokenizer_dir = stages.require(stages.DATA, recipe, "benchmark") / artifacts.TOKENIZER_DIR
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
     levels = sorted(set(args.concurrency))
     requests = {c: args.requests_per_level or max(2 * c, 4) for c in levels}
@@ -393,7 +391,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as scratch:
         scratch = Path(scratch)
         started = time.time()
-        artifact = write_artifact(scratch / "export", tokenizer_dir, max_model_len, args.dtype, args.smoke)
+        artifact = write_artifact(scratch / "served", tokenizer_dir, max_model_len, args.dtype, args.smoke)
         print(f"built the random {'smoke-sized' if args.smoke else '135M'} model in {time.time() - started:.0f} s")
 
         port = server_process.free_port()

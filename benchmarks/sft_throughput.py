@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.core import artifacts, stages
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -58,7 +60,7 @@ def pipeline_result(config: str, overrides: list[str]) -> dict:
     from pipeline.core import artifacts
     from pipeline.core.config import load_recipe
 
-    metrics = artifacts.read_manifest(load_recipe(config, overrides).run_dir / "sft")["metrics"]
+    metrics = artifacts.read_manifest(stages.SFT.folder(load_recipe(config, overrides)))["metrics"]
     return {
         "tokens": metrics["tokens_seen"],
         "seconds": metrics["train_seconds"],
@@ -110,7 +112,7 @@ def padding_fraction(run_dir: Path, batch: int, seed: int) -> float:
 
     import datasets
 
-    lengths = datasets.load_from_disk(str(run_dir / "data" / "sft"))["train"]["length"]
+    lengths = datasets.load_from_disk(str(run_dir / stages.DATA.name / artifacts.SFT_DATA_DIR))["train"]["length"]
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     real = padded = 0

@@ -12,22 +12,22 @@ from __future__ import annotations
 import sys
 
 from pipeline.core import artifacts, chat, cli, models, stages
-from pipeline.core.config import Recipe
 from pipeline.core.errors import ConfigError
+from pipeline.core.schema import Recipe
 
-STAGE = stages.get("base")
+STAGE = stages.BASE
 
 
-def run(recipe: Recipe, *, force: bool = False) -> stages.Outcome:
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
     if not STAGE.applies(recipe):
         raise ConfigError(
             f"model.name_or_path is {recipe.model.name_or_path!r}: a pretrained model needs no base stage. Run the SFT "
-            f"stage next (`{stages.get('sft').command} --config {recipe.source_path}`)."
+            f"stage next (`{stages.SFT.command} --config {recipe.source_path}`)."
         )
 
     def work(run: artifacts.StageRun) -> stages.Result:
         out = run.begin()
-        tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
+        tokenizer = chat.load_tokenizer(stages.DATA.folder(recipe) / artifacts.TOKENIZER_DIR)
         stop_ids = chat.stop_token_ids(tokenizer)
         model = models.build_from_config(recipe.model.init, tokenizer, stop_ids, recipe.run.seed, recipe.model.dtype)
         model.save_pretrained(out)
@@ -38,7 +38,7 @@ def run(recipe: Recipe, *, force: bool = False) -> stages.Outcome:
             f"base: {model.config.model_type} with {parameters:,} parameters, vocab {len(tokenizer)}",
         )
 
-    return stages.execute(STAGE, recipe, work, force=force)
+    return stages.execute(STAGE, recipe, work, force=options.force)
 
 
 main = cli.stage_main(STAGE, run)

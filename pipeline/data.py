@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import artifacts, chat, cli, formats, near_duplicates, stages
-from pipeline.core.config import Recipe, SourceConfig
 from pipeline.core.errors import DataError
+from pipeline.core.schema import Recipe, SourceConfig
 
-STAGE = stages.get("data")
+STAGE = stages.DATA
 
 
 @dataclass
@@ -240,13 +240,13 @@ def _prepare_tokenizer(recipe: Recipe, train_rows: list[dict]) -> Any:
     )
 
 
-def run(recipe: Recipe, *, force: bool = False, preview: int = 0) -> stages.Outcome:
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
     sources = {
         f"source{index}:{source.label}": _source_record(source) for index, source in enumerate(recipe.data.sources)
     }
-    outcome = stages.execute(STAGE, recipe, lambda run: _prepare_data(recipe, run), force=force, inputs=sources)
-    if preview:
-        print(render_preview(recipe.run_dir / "data", preview))
+    outcome = stages.execute(STAGE, recipe, lambda run: _prepare_data(recipe, run), force=options.force, inputs=sources)
+    if options.preview:
+        print(render_preview(STAGE.folder(recipe), options.preview))
     return outcome
 
 

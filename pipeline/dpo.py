@@ -23,10 +23,10 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit
 
 from pipeline.core import artifacts, chat, cli, stages, training  # noqa: E402 - after the script hand-over
-from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import MissingArtifactError  # noqa: E402
+from pipeline.core.schema import Recipe  # noqa: E402
 
-STAGE = stages.get("dpo")
+STAGE = stages.DPO
 REWARD_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
 
 
@@ -68,12 +68,12 @@ def _trainer_class() -> type:
 
 
 def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     if not (data_dir / artifacts.PREFERENCE_DATA_DIR).is_dir():
         raise MissingArtifactError(
             f"the data artifact {data_dir} has no preference pairs. Add a source with prompt/chosen/rejected columns "
             "(or ShareGPT conversations + chosen + rejected) to data.sources and rerun "
-            f"`{stages.get('data').command} --config {recipe.source_path}`."
+            f"`{stages.DATA.command} --config {recipe.source_path}`."
         )
     import datasets
     from trl import DPOConfig
@@ -111,10 +111,8 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
     )
 
 
-def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
-    return training.run_stage(
-        STAGE, recipe, lambda run: _job(recipe, run), force=force, allow_drift=allow_drift, fresh=fresh
-    )
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
+    return training.run_stage(STAGE, recipe, lambda run: _job(recipe, run), options)
 
 
 main = cli.stage_main(STAGE, run)

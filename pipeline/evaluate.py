@@ -28,18 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import artifacts, chat, cli, engines, models, report, scoring, stages, tracking
-from pipeline.core.config import Recipe
-from pipeline.core.errors import GateFailure, MissingArtifactError, PipelineError
+from pipeline.core.errors import GateFailure, PipelineError
+from pipeline.core.schema import Recipe
 
-STAGE = stages.get("eval")
-CACHE_DIR = "models"  # one JSON per model: its results and the key they were measured under
+STAGE = stages.EVAL
 HEADLINE = ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy")
-
-
-def model_artifacts(recipe: Recipe) -> dict[str, Path]:
-    """Every complete model artifact of the run, in pipeline order."""
-    found = {stage.name: recipe.run_dir / stage.name for stage in stages.model_stages(recipe)}
-    return {name: folder for name, folder in found.items() if artifacts.manifest_is_complete(folder)}
 
 
 def check_gates(gates: dict[str, float], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,7 +75,7 @@ def gate_failure_message(recipe: Recipe, gates: list[dict[str, Any]]) -> str:
     )
     config = recipe.source_path
     return (
-        f"evaluation gates failed: {failed}; see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}. Export refuses a "
+        f"evaluation gates failed: {failed}; see {STAGE.folder(recipe) / artifacts.REPORT_FILE}. Export refuses a "
         "model that failed its gates. To export and serve it anyway (the export records that its gates failed):\n"
         f"    python -m pipeline.export --config {config} --allow-failed-gates\n"
         f"    python -m serving.demo --config {config}\n"
@@ -150,19 +143,13 @@ def _evaluate_model(
     return {"scores": scores, "outputs": outputs}
 
 
-def run(recipe: Recipe, *, force: bool = False) -> stages.Outcome:
-    found = model_artifacts(recipe)
-    if not found:
-        raise MissingArtifactError(
-            f"no model artifacts in {recipe.run_dir} to evaluate. Run `{stages.get('sft').command} --config "
-            f"{recipe.source_path}` first (and `{stages.get('base').command}` for a recipe that builds its model)."
-        )
-    inputs = {name: artifacts.input_record(folder) for name, folder in found.items()}
-    return stages.execute(STAGE, recipe, lambda run: _evaluate(recipe, run, found), force=force, inputs=inputs)
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
+    found = {stage.name: stage.folder(recipe) for stage in stages.model_inputs(STAGE, recipe)}
+    return stages.execute(STAGE, recipe, lambda run: _evaluate(recipe, run, found), force=options.force)
 
 
 def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -> stages.Result:
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     backend = engines.choose_backend(recipe.evaluate.backend)
     settings = engines.engine_settings(recipe.model.dtype, engines.on_gpu())
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
@@ -173,9 +160,9 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
             f"preference pair, so {', '.join(recipe.evaluate.metrics)} cannot be computed. Hold out rows whose last "
             "assistant turn has text (raise data.eval_fraction)."
         )
-    previous_cache = run.final_dir / CACHE_DIR
+    previous_cache = run.final_dir / artifacts.EVAL_CACHE_DIR
     work = run.begin()
-    (work / CACHE_DIR).mkdir()
+    (work / artifacts.EVAL_CACHE_DIR).mkdir()
     scratch = work / ".merged"
     data_identity = run.inputs["data"]["sha256"]
     results: dict[str, dict[str, Any]] = {}
@@ -194,7 +181,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
                 f"eval: {name} unchanged since its last evaluation; results reused:"
                 f" {scoring.describe(cached['scores'])}"
             )
-        (work / CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
+        (work / artifacts.EVAL_CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
         results[name], outputs[name] = cached["scores"], cached["outputs"]
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -212,7 +199,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     }
     (work / artifacts.METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     report.write(work, recipe, summary, held, outputs)
-    tracking.log_evaluation(recipe, results)
+    tracking.log_evaluation(recipe, STAGE.name, results)
     headline = {f"{n}_{m}": v for n, r in results.items() for m, v in r.items() if m in HEADLINE}
     failure = None if passed else GateFailure(gate_failure_message(recipe, gates))
     return stages.Result(

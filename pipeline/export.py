@@ -17,15 +17,14 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.core import artifacts, chat, cli, engines, models, scoring, stages
-from pipeline.core.config import Recipe
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.schema import Recipe
 
-STAGE = stages.get("export")
+STAGE = stages.EXPORT
 PARITY_PROMPTS = 8
 MERGE_TOLERANCE = 1e-4
 ONNX_LOGIT_TOLERANCE = 1e-3
@@ -171,7 +170,7 @@ def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
     """'none' (the recipe sets no gates), 'passed', or 'failed' when exporting anyway was asked for."""
     if not recipe.evaluate.gates:
         return "none"
-    eval_dir = stages.require("eval", recipe, STAGE.name)
+    eval_dir = stages.require(stages.EVAL, recipe, STAGE.name)
     if artifacts.read_manifest(eval_dir)["metrics"].get("gates_passed"):
         return "passed"
     if allow_failed_gates:
@@ -183,10 +182,8 @@ def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
     )
 
 
-def run(
-    recipe: Recipe, *, force: bool = False, target: Sequence[str] | None = None, allow_failed_gates: bool = False
-) -> stages.Outcome:
-    targets = list(target or recipe.export.targets)
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
+    targets = list(options.targets or recipe.export.targets)
     unknown = [t for t in targets if t not in ("hf", "onnx")]
     if unknown:
         raise ConfigError(f"unknown export target(s) {', '.join(unknown)}; the targets are hf and onnx.")
@@ -195,17 +192,16 @@ def run(
             "the onnx target needs onnxruntime-genai, which is not installed: install the `onnx` extra "
             "(`pip install -e '.[onnx]'`), or export with --target hf."
         )
-    final = stages.newest_trained(recipe, STAGE.name)
-    gates = _gate_status(recipe, allow_failed_gates)
+    final = stages.newest_trained_before(STAGE, recipe)
+    gates = _gate_status(recipe, options.allow_failed_gates)
     inputs = {
-        final.name: artifacts.input_record(stages.require(final.name, recipe, STAGE.name)),
         # Which targets were built (--target can differ from export.targets) and whether the model passed its gates
         # are part of what the artifact is.
         "targets": artifacts.setting_record("targets", sorted(targets)),
         "gates": artifacts.setting_record("gates", gates),
     }
     return stages.execute(
-        STAGE, recipe, lambda run: _export(recipe, run, final, targets, gates), force=force, inputs=inputs
+        STAGE, recipe, lambda run: _export(recipe, run, final, targets, gates), force=options.force, inputs=inputs
     )
 
 
@@ -213,10 +209,10 @@ def _export(
     recipe: Recipe, run: artifacts.StageRun, final: stages.Stage, targets: list[str], gates: str
 ) -> stages.Result:
     work = run.begin()
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     model_dir = work / artifacts.MODEL_DIR
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
-    base, adapter = artifacts.model_location(recipe.run_dir / final.name)
+    base, adapter = artifacts.model_location(final.folder(recipe))
 
     merged = models.load_merged(base, adapter, recipe.model)
     stop_ids = chat.stop_token_ids(tokenizer)
@@ -321,7 +317,11 @@ def _export_onnx(
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--target", action="append", choices=("hf", "onnx"), help="export target (repeatable; default: export.targets)"
+        "--target",
+        dest="targets",
+        action="append",
+        choices=("hf", "onnx"),
+        help="export target (repeatable; default: export.targets)",
     )
     parser.add_argument(
         "--allow-failed-gates",

@@ -37,25 +37,10 @@ from pipeline.core import (
     stages,
     training,
 )  # noqa: E402 - after the script hand-over
-from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import ConfigError, MissingArtifactError  # noqa: E402
+from pipeline.core.schema import Recipe  # noqa: E402
 
-STAGE = stages.get("grpo")
-KL_PLOT = "kl.png"
-LENGTH_PLOT = "completion_length.png"
-
-
-def start_stage(recipe: Recipe) -> stages.Stage:
-    """The trained stage GRPO continues from: the newest one before it with a complete artifact."""
-    before = stages.trained_stages()[: [s.name for s in stages.trained_stages()].index(STAGE.name)]
-    for stage in reversed(before):
-        if artifacts.manifest_is_complete(recipe.run_dir / stage.name):
-            return stage
-    raise MissingArtifactError(
-        f"the grpo stage starts from a trained model, but {recipe.run_dir} has no complete "
-        f"{' or '.join(s.name for s in reversed(before))} artifact. Run `{before[0].command} --config "
-        f"{recipe.source_path}` first."
-    )
+STAGE = stages.GRPO
 
 
 def _check_generation(section) -> None:  # noqa: ANN001 - the recipe's grpo section
@@ -83,7 +68,7 @@ def _unsolved(rows: list[dict], recipe: Recipe, start_from: stages.Stage, tokeni
     figures). Every process filters the same rows (greedy decoding)."""
     from accelerate import PartialState
 
-    base, adapter = artifacts.model_location(recipe.run_dir / start_from.name)
+    base, adapter = artifacts.model_location(start_from.folder(recipe))
     model = models.load_merged(base, adapter, recipe.model).to(PartialState().device)
     model.generation_config.eos_token_id = chat.stop_token_ids(tokenizer)
     ids = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in rows]
@@ -96,12 +81,12 @@ def _unsolved(rows: list[dict], recipe: Recipe, start_from: stages.Stage, tokeni
 def _prompts(recipe: Recipe, tokenizer, start_from: stages.Stage, max_new_tokens: int) -> tuple[object, dict[str, int]]:  # noqa: ANN001
     import datasets
 
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     if not (data_dir / artifacts.SFT_DATA_DIR).is_dir():
         raise MissingArtifactError(
             f"the data artifact {data_dir} has no SFT rows, whose prompts and reference answers GRPO trains on: add a "
             "chat, alpaca, ShareGPT or prompt/completion source to data.sources and rerun "
-            f"`{stages.get('data').command} --config {recipe.source_path}`."
+            f"`{stages.DATA.command} --config {recipe.source_path}`."
         )
     labels = [source.label for source in recipe.data.sources]
     chosen = {labels.index(label) for label in recipe.grpo.sources} if recipe.grpo.sources else None
@@ -137,7 +122,7 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
         warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     from trl import GRPOConfig, GRPOTrainer
 
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     tokenizer = chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR)
     reward_functions = rewards.load(section.rewards, tokenizer)
     # Answers as long as evaluation lets them be, unless the recipe says otherwise (TRL's default is 512).
@@ -179,10 +164,10 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
     plots = {
         artifacts.LOSS_PLOT: ["loss", "eval_loss"],
         artifacts.REWARDS_PLOT: ["reward", *(f"rewards/{name}/mean" for name in section.rewards)],
-        LENGTH_PLOT: ["completions/mean_length", "completions/mean_terminated_length"],
+        artifacts.LENGTH_PLOT: ["completions/mean_length", "completions/mean_terminated_length"],
     }
     if section.trainer.get("beta"):  # TRL computes (and logs) the KL to the start model only when it weighs it
-        plots[KL_PLOT] = ["kl"]
+        plots[artifacts.KL_PLOT] = ["kl"]
     return training.Job(
         config_class=GRPOConfig,
         trainer_class=GRPOTrainer,
@@ -204,23 +189,14 @@ def _job(recipe: Recipe, run: artifacts.StageRun, start_from: stages.Stage) -> t
     )
 
 
-def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
     if not STAGE.applies(recipe):
         raise ConfigError(
             f"{recipe.source_path} gives grpo.rewards no reward, so it has no GRPO stage. List at least one: a built-in"
             f" ({', '.join(rewards.BUILTINS)}) or a function as module:function."
         )
-    start_from = start_stage(recipe)
-    inputs = {start_from.name: artifacts.input_record(stages.require(start_from.name, recipe, STAGE.name))}
-    return training.run_stage(
-        STAGE,
-        recipe,
-        lambda run: _job(recipe, run, start_from),
-        force=force,
-        allow_drift=allow_drift,
-        fresh=fresh,
-        inputs=inputs,
-    )
+    start_from = stages.newest_trained_before(STAGE, recipe)
+    return training.run_stage(STAGE, recipe, lambda run: _job(recipe, run, start_from), options)
 
 
 main = cli.stage_main(STAGE, run)

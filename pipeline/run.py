@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.core import cli, launch, stages
-from pipeline.core.config import Recipe, load_recipe
+from pipeline.core.config import load_recipe
 from pipeline.core.errors import GateFailure, PipelineError
+from pipeline.core.schema import Recipe
 
 
 class Stopped(Exception):
@@ -36,7 +37,7 @@ def _launched(stage: stages.Stage, recipe: Recipe, overrides: Sequence[str], for
     """A training stage under `accelerate launch`, so the launch config decides processes and DeepSpeed. Recipe
     validation has already refused a method the launch cannot run, before any process starts."""
     if not force and stages.prepare(stage, recipe).up_to_date():
-        print(f"{stage.name}: up to date ({recipe.run_dir / stage.name}); use --force to rerun.")
+        print(f"{stage.name}: up to date ({stage.folder(recipe)}); use --force to rerun.")
         return stages.Outcome.SKIPPED
     config = launch.resolve_config_path(stage.section(recipe).launch_config)
     command = [
@@ -74,18 +75,16 @@ def _run_stage(
     section = stage.section(recipe) if stage.trains else None
     if section is not None and section.launch_config:
         return _launched(stage, recipe, overrides, force)
-    module = importlib.import_module(stage.module)
-    if stage.name == "export":
-        return module.run(recipe, force=force, allow_failed_gates=allow_failed_gates)
-    return module.run(recipe, force=force)
+    options = stages.Options(force=force, allow_failed_gates=allow_failed_gates)
+    return importlib.import_module(stage.module).run(recipe, options)
 
 
 def run(
     recipe: Recipe,
     overrides: Sequence[str] = (),
     *,
-    start: str = "data",
-    stop: str = "export",
+    start: str = stages.NAMES[0],
+    stop: str = stages.NAMES[-1],
     force: bool = False,
     allow_failed_gates: bool = False,
 ) -> list[dict[str, Any]]:
@@ -107,7 +106,7 @@ def run(
             except PipelineError as error:
                 if isinstance(error, GateFailure) and allow_failed_gates:
                     print(
-                        f"eval: gates failed; going on to export because of --allow-failed-gates.\n{error}",
+                        f"{stage.name}: gates failed; going on to export because of --allow-failed-gates.\n{error}",
                         file=sys.stderr,
                     )
                     outcome = stages.Outcome.RAN

@@ -23,18 +23,18 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit
 
 from pipeline.core import artifacts, chat, cli, stages, training  # noqa: E402 - after the script hand-over
-from pipeline.core.config import Recipe  # noqa: E402
 from pipeline.core.errors import MissingArtifactError  # noqa: E402
+from pipeline.core.schema import Recipe  # noqa: E402
 
-STAGE = stages.get("sft")
+STAGE = stages.SFT
 
 
 def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     if not (data_dir / artifacts.SFT_DATA_DIR).is_dir():
         raise MissingArtifactError(
             f"the data artifact {data_dir} has no SFT rows: add a chat, alpaca, ShareGPT or prompt/completion source "
-            f"to data.sources and rerun `{stages.get('data').command} --config {recipe.source_path}`."
+            f"to data.sources and rerun `{stages.DATA.command} --config {recipe.source_path}`."
         )
     import datasets
     from trl import SFTConfig, SFTTrainer
@@ -74,15 +74,9 @@ def _job(recipe: Recipe, run: artifacts.StageRun) -> training.Job:
     )
 
 
-def run(recipe: Recipe, *, force: bool = False, allow_drift: bool = False, fresh: bool = False) -> stages.Outcome:
+def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
     return training.run_stage(
-        STAGE,
-        recipe,
-        lambda run: _job(recipe, run),
-        force=force,
-        allow_drift=allow_drift,
-        fresh=fresh,
-        inputs=training.pretrained_input(recipe),
+        STAGE, recipe, lambda run: _job(recipe, run), options, inputs=training.pretrained_input(recipe)
     )
 
 

@@ -33,21 +33,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.config)
     try:
-        export_dir = stages.require("export", recipe, "demo")
+        export_dir = stages.require(stages.EXPORT, recipe, "demo")
     except PipelineError:
-        evaluation = artifacts.read_manifest(recipe.run_dir / "eval")
+        evaluation = artifacts.read_manifest(stages.EVAL.folder(recipe))
         if evaluation and not evaluation["metrics"].get("gates_passed", True):
-            gates = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())["gates"]
+            gates = json.loads((stages.EVAL.folder(recipe) / artifacts.METRICS_FILE).read_text())["gates"]
             raise PipelineError(evaluate.gate_failure_message(recipe, gates)) from None
         raise
-    data_dir = recipe.run_dir / "data"
+    data_dir = stages.DATA.folder(recipe)
     question = scoring.HeldOut.load(data_dir, chat.load_tokenizer(data_dir / artifacts.TOKENIZER_DIR), recipe).sets[
         "answers"
     ][0]
     port = server_process.free_port()
     started = time.time()
     server = subprocess.Popen(
-        [sys.executable, "-m", "serving.vllm_server", "--config", args.config, "--port", str(port)]
+        [sys.executable, "-m", "serving.vllm_server", "--config", args.config, f"serve.port={port}"]
     )
     try:
         server_process.wait_healthy(port, server)
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"  question:  {question['prompt'][-1]['content']}\n  reference: {question['reference']}\n  answer:   "
         f" {answer}\n"
     )
-    summary = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())
+    summary = json.loads((stages.EVAL.folder(recipe) / artifacts.METRICS_FILE).read_text())
     print(f"{'model':8}" + "".join(f"{c:>26}" for c in COLUMNS))
     for model_name, values in summary["models"].items():
         print(f"{model_name:8}" + "".join(f"{values.get(c, float('nan')):>26.4f}" for c in COLUMNS))

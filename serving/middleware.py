@@ -22,6 +22,11 @@ most `max_tokens` new tokens (`max_tokens`, `max_completion_tokens`, `max_output
 request could hold the engine for minutes (n=4000 x 100 tokens: 72 s, during which a 4-token request waited 68 s).
 Tool parameter schemas must be valid JSON Schema.
 
+Refusals agree, streamed or not. vLLM checks part of a request (token ids against the vocabulary, logprob counts,
+empty prompts) only when its engine takes the request: unstreamed that is a 400, streamed it was a 200 whose only
+event was the error, with a traceback in the server log. The start of a stream is held until its first event, so
+that a refusal gets the status and body it gets unstreamed, and is logged as one line.
+
 Shutdown. On SIGTERM (or SIGINT) the server stops accepting connections at once, lets the requests in flight run
 for up to `shutdown_grace` seconds, then ends those left: a stream gets an error event (`data: {"error": ...}`,
 then `data: [DONE]`), a request not yet answered a 503. vLLM then stops its engine and the process exits 0. A
@@ -50,6 +55,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.schema import ServeConfig
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -57,8 +64,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health"})
-DEFAULT_SHUTDOWN_GRACE = 5.0
-DEFAULT_MAX_N = 8
+# The recipe's defaults (serve.shutdown_grace, serve.max_n): a server started without the variables holds to them too.
+DEFAULT_SHUTDOWN_GRACE = ServeConfig.model_fields["shutdown_grace"].default
+DEFAULT_MAX_N = ServeConfig.model_fields["max_n"].default
 API_KEY_VARIABLE = "VLLM_API_KEY"
 GRACE_VARIABLE = "PIPELINE_SERVE_SHUTDOWN_GRACE"
 MAX_N_VARIABLE = "PIPELINE_SERVE_MAX_N"
@@ -188,18 +196,6 @@ def limit_problem(payload: dict[str, Any], settings: Settings) -> tuple[str, str
     return None
 
 
-def prompt_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
-    """(message, parameter) if a completions prompt is empty: vLLM refuses it only once a stream has started, with a
-    traceback in the server log and an error event instead of a 400."""
-    prompt = payload.get("prompt")
-    prompts = (
-        prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (list, str)) for p in prompt) else [prompt]
-    )
-    if any(p == "" or p == [] for p in prompts):
-        return "The prompt is empty: send at least one character or token id.", "prompt"
-    return None
-
-
 def tools_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
     """(message, parameter) if a tool's parameter schema is not valid JSON Schema (its shape is vLLM's to check)."""
     tools = payload.get("tools")
@@ -236,7 +232,7 @@ def body_problem(body: bytes, settings: Settings) -> tuple[str, str | None] | No
         return "The request body nests JSON too deeply to be read.", None
     if not isinstance(payload, dict):
         return None
-    return limit_problem(payload, settings) or prompt_problem(payload) or tools_problem(payload)
+    return limit_problem(payload, settings) or tools_problem(payload)
 
 
 def _reads_json(scope: Scope) -> bool:
@@ -309,6 +305,72 @@ def _annotating_models(send: Send, metadata: dict[str, Any]) -> Send:
     return annotated
 
 
+def _error_event(chunk: bytes) -> dict[str, Any] | None:
+    """The error of a server-sent event `data: {"error": {...}}`, or None for any other chunk."""
+    if not chunk.startswith(b"data: {"):
+        return None
+    try:
+        event = json.loads(chunk.removeprefix(b"data: ").split(b"\n\n", 1)[0])
+    except ValueError:
+        return None
+    error = event.get("error") if isinstance(event, dict) else None
+    return error if isinstance(error, dict) and isinstance(error.get("code"), int) else None
+
+
+def _refusing_failed_streams(send: Send) -> Send:
+    """A send that answers a stream the engine refused before its first token as the same request unstreamed is
+    answered: with the error's own status and OpenAI's error body, not a 200 whose only event is an error.
+
+    vLLM checks much of a request (token ids against the vocabulary, logprob counts, empty prompts) only when the
+    engine takes it; streamed, the 200 and its headers have gone out by then. So the start of an event stream is
+    held until its first event, which is either output (sent on unchanged) or that refusal."""
+    held: Message | None = None
+    refused = False
+
+    async def sending(message: Message) -> None:
+        nonlocal held, refused
+        if refused:
+            return None
+        if message["type"] == "http.response.start":
+            content_type = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
+                held = message
+                return None
+            return await send(message)
+        if held is not None and message["type"] == "http.response.body":
+            start, held = held, None
+            error = _error_event(message.get("body", b""))
+            if error is not None and 400 <= error["code"] < 500:
+                refused = True
+                return await send_error(
+                    send, error["code"], str(error.get("message")), str(error.get("type")), error.get("param")
+                )
+            await send(start)
+        return await send(message)
+
+    return sending
+
+
+class RefusedRequestLog(logging.Filter):
+    """Logs a request that vLLM refused inside a stream as one line, as vLLM logs the same refusal unstreamed.
+
+    vLLM's stream generators log every exception with its traceback ("Error in chat completion stream generator"),
+    a client's out-of-vocabulary stop token as much as an engine failure. Which is which is vLLM's own mapping of
+    exceptions to HTTP statuses: below 500, the client's mistake, logged without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, Exception) and "stream generator" in str(record.msg):
+            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+            status = create_error_response(error).error.code
+            if status < 500:
+                record.msg = f"Refused a streamed request ({status}): {type(error).__name__}: {error}"
+                record.args, record.exc_info, record.exc_text = (), None, None
+                record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
 class _Response:
     """What an app has sent of its response, so a request cut off at shutdown can still be ended properly."""
 
@@ -346,6 +408,9 @@ class ServingGuard:
         self._running: set[asyncio.Future] = set()  # the app's handling of each request in flight
         self._cut_off: set[asyncio.Future] = set()  # those cancelled because the grace period ran out
         self._draining = False
+        for handler in logging.getLogger("vllm").handlers:  # vLLM's loggers do not propagate past "vllm"
+            if not any(isinstance(installed, RefusedRequestLog) for installed in handler.filters):
+                handler.addFilter(RefusedRequestLog())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -394,7 +459,7 @@ class ServingGuard:
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _Response(send)
-        app_send = response.send
+        app_send = _refusing_failed_streams(response.send)
         if self.settings.model_metadata and scope["method"] == "GET" and _route(scope) == MODELS_PATH:
             app_send = _annotating_models(response.send, self.settings.model_metadata)
         # The app runs as a task of its own, so that the end of the grace period can cancel it and this request

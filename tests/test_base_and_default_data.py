@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import base, data
-from pipeline.core import artifacts
+from pipeline.core import artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
 
@@ -142,14 +142,14 @@ def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
 
 def test_base_is_seeded(base_artifact, tmp_path: Path) -> None:
     folder, recipe = base_artifact
-    base.run(recipe, force=True)
+    base.run(recipe, stages.Options(force=True))
     again = recipe.run_dir / "base"
     assert (
         artifacts.sha256_file(again / "model.safetensors")
         == json.loads((again / "manifest.json").read_text())["outputs"]["model.safetensors"]["sha256"]
     )
     first_hash = artifacts.sha256_file(again / "model.safetensors")
-    base.run(recipe, force=True)
+    base.run(recipe, stages.Options(force=True))
     assert artifacts.sha256_file(folder / "model.safetensors") == first_hash
     reseeded = load_recipe(recipe.source_path, ["run.seed=8", f"run.output_dir={tmp_path}"])
     data.run(reseeded)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.config import load_recipe, reference_markdown
+from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
+from pipeline.core.schema import reference_markdown
 
 from conftest import REPO, write_recipe
 
@@ -134,7 +135,7 @@ def test_resolved_config_round_trips_flat_trainer_keys(tmp_path: Path) -> None:
 def test_recipe_reference_is_current_and_explains_every_key() -> None:
     generated = reference_markdown()
     assert (REPO / "docs" / "recipe.md").read_text(encoding="utf-8") == generated, (
-        "docs/recipe.md is out of date: python -m pipeline.core.config --reference > docs/recipe.md"
+        "docs/recipe.md is out of date: python -m pipeline.recipe --reference > docs/recipe.md"
     )
     rows = [line for line in generated.splitlines() if line.startswith("| `")]
     assert len(rows) > 50

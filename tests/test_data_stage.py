@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import data
-from pipeline.core import artifacts
+from pipeline.core import artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import DataError
 
@@ -17,7 +17,7 @@ from conftest import chat_rows, preference_rows, run_module, write_jsonl, write_
 
 def run_stage(tmp_path: Path, sources: list[dict], *overrides: str, force: bool = False, **sections: dict) -> Path:
     recipe = load_recipe(write_recipe(tmp_path, sources, **sections), list(overrides))
-    data.run(recipe, force=force)
+    data.run(recipe, stages.Options(force=force))
     return recipe.run_dir / "data"
 
 

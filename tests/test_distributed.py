@@ -22,7 +22,7 @@ from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
 
 from conftest import REPO, chat_rows, preference_rows, write_jsonl, write_recipe
-from test_sft import losses, no_pickles, prepare, wait_for
+from test_sft import PAUSE_AFTER_SAVE, losses, no_pickles, prepare, wait_paused
 
 CONFIGS = REPO / "accelerate_configs"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -171,14 +171,17 @@ def test_zero2_run_killed_then_rerun_resumes_from_its_checkpoint(tmp_path: Path)
         "accelerate.commands.launch",
         "--config_file",
         str(CONFIGS / "deepspeed_zero2.yaml"),
-        "pipeline/sft.py",
+        str(PAUSE_AFTER_SAVE),
+        "10",
+        "-m",
+        "pipeline.sft",
         "--config",
         str(recipe.source_path),
     ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR
+    found = recipe.run_dir / "sft.partial" / artifacts.CHECKPOINTS_DIR / "checkpoint-10"
     try:
-        found = wait_for(checkpoints, "checkpoint-*", process)
+        wait_paused(process)  # rank 0, once checkpoint-10 is saved; rank 1 waits for it
     finally:
         kill_tree(process, signal.SIGKILL)  # the launcher and both ranks at once, as a crash would
         process.communicate()
@@ -192,7 +195,7 @@ def test_zero2_run_killed_then_rerun_resumes_from_its_checkpoint(tmp_path: Path)
     out = recipe.run_dir / "sft"
     metrics = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
     resumed_at = int(metrics["resumed_from"].rsplit("-", 1)[-1])
-    assert resumed_at >= 10 and metrics["optimizer_steps"] == 200 and metrics["processes"] == 2
+    assert resumed_at == 10 and metrics["optimizer_steps"] == 200 and metrics["processes"] == 2
     steps = [e["step"] for e in json.loads((out / artifacts.LOG_HISTORY).read_text()) if "loss" in e]
     assert steps[-1] == 200 and steps[:resumed_at] == list(range(1, resumed_at + 1))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import dpo, export
-from pipeline.core import artifacts
+from pipeline.core import artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
 
@@ -115,11 +115,11 @@ def test_export_with_no_trained_model(tmp_path: Path) -> None:
     with pytest.raises(
         MissingArtifactError,
         match=(
-            r"the export stage needs a trained model, but .* has no complete sft or dpo artifact\. Run `accelerate"
+            r"the export stage needs a trained model, but .* has no complete dpo or sft artifact\. Run `accelerate"
             r" launch pipeline/sft\.py"
         ),
     ):
-        export.run(recipe, target=["hf"])
+        export.run(recipe, stages.Options(targets=("hf",)))
 
 
 def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,14 +131,22 @@ def test_onnx_target_without_onnxruntime_genai_names_the_extra(tmp_path: Path, m
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"needs onnxruntime-genai.*install the `onnx` extra"):
-        export.run(recipe, target=["onnx"])
+        export.run(recipe, stages.Options(targets=("onnx",)))
 
 
 def test_unsupported_architecture_skips_onnx_and_still_exports_hf(tmp_path: Path) -> None:
     gpt2 = {"init": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}}
     path = dpo_recipe(tmp_path, sft_method="full", sections={"model": gpt2})
     recipe = prepare_with_sft(path)
-    export.run(recipe, target=["hf", "onnx"])
+    export.run(
+        recipe,
+        stages.Options(
+            targets=(
+                "hf",
+                "onnx",
+            )
+        ),
+    )
     out = recipe.run_dir / "export"
     checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
     assert (

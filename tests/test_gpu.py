@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import base, data, evaluate, sft
-from pipeline.core import artifacts, engines, models, training
+from pipeline.core import artifacts, engines, models, stages, training
 from pipeline.core.config import load_recipe
 
 from conftest import chat_rows, write_jsonl, write_recipe
@@ -69,7 +69,7 @@ def _train(recipe, monkeypatch: pytest.MonkeyPatch) -> dict:
         return train_and_save(trainer, *args, **kwargs)
 
     monkeypatch.setattr(training, "train_and_save", observed)
-    sft.run(recipe, force=True)
+    sft.run(recipe, stages.Options(force=True))
     history = json.loads((recipe.run_dir / "sft" / artifacts.LOG_HISTORY).read_text())
     seen["losses"] = [e["loss"] for e in history if "loss" in e]
     return seen
@@ -109,7 +109,7 @@ def _evaluation_devices(recipe, monkeypatch: pytest.MonkeyPatch) -> set[str]:
         return generate(model, *args, **kwargs)
 
     monkeypatch.setattr(engines, "hf_generate", observed)
-    evaluate.run(recipe, force=True)
+    evaluate.run(recipe, stages.Options(force=True))
     return devices
 
 

@@ -253,7 +253,7 @@ def test_grpo_raises_the_mean_reward_and_writes_its_artifact(tmp_path: Path) -> 
     assert len(reward) == 16
     assert sum(reward[-8:]) / 8 > sum(reward[:4]) / 4 + 0.07, reward
     assert logged(out, "kl") and logged(out, "completions/mean_length")
-    for plot in (artifacts.LOSS_PLOT, artifacts.REWARDS_PLOT, grpo.KL_PLOT, grpo.LENGTH_PLOT):
+    for plot in (artifacts.LOSS_PLOT, artifacts.REWARDS_PLOT, artifacts.KL_PLOT, artifacts.LENGTH_PLOT):
         assert (out / plot).is_file(), plot
     no_pickles(out)
     manifest = json.loads((out / artifacts.MANIFEST).read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import data
-from pipeline.core import artifacts, formats, near_duplicates, report
+from pipeline.core import artifacts, formats, near_duplicates, report, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, DataError
 
@@ -85,7 +85,7 @@ def planted(tmp_path: Path) -> list[dict]:
 
 def run_stage(tmp_path: Path, *overrides: str) -> Path:
     recipe = load_recipe(write_recipe(tmp_path, planted(tmp_path)), ["data.eval_fraction=0.3", *overrides])
-    data.run(recipe, force=True)
+    data.run(recipe, stages.Options(force=True))
     return recipe.run_dir / "data"
 
 

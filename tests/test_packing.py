@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core import models
-from pipeline.core.config import check_padding_free_attention, load_recipe
+from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
+from pipeline.core.models import check_padding_free_attention
 
 from conftest import TINY_MODEL
 

@@ -18,7 +18,7 @@ from serving import vllm_server
 
 from conftest import REPO, run_module
 from test_dpo import dpo_recipe
-from test_sft import wait_for
+from test_sft import signal_paused, start_paused_at
 
 SMALL = ["evaluate.backend=hf", "export.targets=[hf]"]
 
@@ -84,10 +84,9 @@ def test_sigterm_in_a_training_stage_ends_the_run_and_the_same_command_finishes_
     settings = {"sft_settings": {**long, "max_steps": 30}} if stage == "sft" else long
     path = dpo_recipe(tmp_path, **settings)
     command = [sys.executable, "-m", "pipeline.run", "--config", str(path), *SMALL]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     recipe = load_recipe(path, SMALL)
-    wait_for(recipe.run_dir / f"{stage}.partial" / artifacts.CHECKPOINTS_DIR, "checkpoint-10", process)
-    process.send_signal(signal.SIGTERM)
+    process = start_paused_at(f"{stage}:10", *command[2:])
+    signal_paused(process, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=180)
     assert process.returncode == stages.STOPPED_EXIT_CODE, stderr[-3000:]
     row = next(line for line in stdout.splitlines() if line.startswith(f"{stage} "))

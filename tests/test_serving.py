@@ -294,6 +294,45 @@ def test_bodies_vllm_cannot_read_get_a_400_in_openais_shape(server) -> None:
             assert says in assert_openai_error(response, 400)["message"]
 
 
+@pytest.mark.parametrize(
+    ("route", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"stop_token_ids": [1425919, 95471186]}, "stop_token_ids"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 10**6}, "logprobs"),
+        ("/v1/completions", {"prompt": ""}, None),
+        ("/v1/completions", {"prompt": [5, 10**7]}, None),
+        ("/v1/completions", {"allowed_token_ids": [10**7]}, "allowed_token_ids"),
+    ],
+    ids=["stop-token-out-of-vocab", "too-many-logprobs", "empty-prompt", "prompt-token-out-of-vocab", "allowed-token"],
+)
+def test_a_request_the_engine_refuses_gets_the_same_400_streamed_or_not(
+    server, route: str, fields: dict, param: str | None
+) -> None:
+    """vLLM checks these only when its engine takes the request: streamed, that was a 200 whose only event was the
+    error, and a traceback in the log (stop_token_ids: found by the fuzz test on another machine)."""
+    body = {"model": server["name"], "max_tokens": 4}
+    body.update(
+        {"messages": [{"role": "user", "content": "Is 3 even or odd?"}]}
+        if route.endswith("chat/completions")
+        else {"prompt": "Is 3 even?"}
+    )
+    body.update(fields)
+    log_start = server["log"].stat().st_size
+    errors = []
+    for stream in (False, True):
+        response = httpx.post(
+            server["url"] + route,
+            json={**body, "stream": stream},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+        )
+        errors.append(assert_openai_error(response, 400))
+    assert errors[0]["type"] == errors[1]["type"] and errors[0]["message"] == errors[1]["message"]
+    if param:
+        assert param in errors[1]["message"] + str(errors[1]["param"])
+    assert "Traceback" not in server["log"].read_text(errors="replace")[log_start:]
+
+
 def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> None:
     """Before the limits, one request of n=4000 x 100 tokens held the server for 72 s and a 4-token request beside
     it waited 68 s. The biggest request now allowed is a batch the engine runs next to others."""
@@ -308,26 +347,32 @@ def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> N
 
     alone = sorted(small()[0] for _ in range(3))[1]
     big: dict = {}
+    generating = threading.Event()
 
     def biggest() -> None:
         started = time.perf_counter()
-        # n at its limit, as many tokens as the model length leaves after the prompt, no early stop.
-        reply = client.chat.completions.create(
+        # n at its limit, as many tokens as the model length leaves after the prompt, no early stop; streamed, so
+        # that the small requests go out once it is generating, whatever the machine's speed.
+        chunks = client.chat.completions.create(
             model=name,
             messages=[{"role": "user", "content": "Say falcon."}],
             n=middleware.DEFAULT_MAX_N,
             max_tokens=server["max_model_len"] - PROMPT_ROOM,
             temperature=1.0,
             seed=0,
+            stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
-        big.update(
-            seconds=time.perf_counter() - started, finished=time.perf_counter(), tokens=reply.usage.completion_tokens
-        )
+        for chunk in chunks:
+            generating.set()
+            if chunk.usage:
+                big["tokens"] = chunk.usage.completion_tokens
+        big.update(seconds=time.perf_counter() - started, finished=time.perf_counter())
 
     thread = threading.Thread(target=biggest)
     thread.start()
-    time.sleep(0.05)  # the big request first
+    assert generating.wait(timeout=120), "the biggest request never started generating"
     with ThreadPoolExecutor(max_workers=3) as pool:
         beside = list(pool.map(small, range(3)))
     thread.join()
@@ -338,9 +383,8 @@ def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> N
         f" {big['seconds']:.1f} s) {latency:.2f} s ({overlapped} of 3 answered while it ran)"
     )
     # Continuous batching lets the small requests join the running batch instead of waiting for the big one to end
-    # (before the limits: 68 s of its 72 s). Measured on a 2-core machine: 0.04 s beside a 0.4 s big request when
-    # idle, 1.4 s beside a 3.1 s one with a benchmark running on both cores; the bound scales with that load.
-    assert latency < 0.5 * big["seconds"] + 3 * alone + 1.0
+    # (before the limits: 68 s of its 72 s): sent while it generates, each ends before it does.
+    assert overlapped == 3, f"{3 - overlapped} of the small requests waited for the biggest one to end"
 
 
 def test_32_concurrent_requests_all_succeed(server) -> None:
@@ -732,7 +776,7 @@ def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(
     grace, margin, streams = 0.0, 10.0, 32
     artifact = default_pipeline["recipe"].run_dir / "export"
     name, max_model_len = (artifacts.read_serving_file(artifact)[key] for key in ("served_model_name", "max_model_len"))
-    process, port = start_server(artifact, tmp_path / "server.log", "--shutdown-grace", str(grace))
+    process, port = start_server(artifact, tmp_path / "server.log", f"serve.shutdown_grace={grace}")
     outcomes: dict[int, object] = {}
     started = threading.Semaphore(0)
 

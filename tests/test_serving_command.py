@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.core import engines
 from pipeline.core.config import load_recipe
@@ -87,21 +88,30 @@ def test_the_server_runs_behind_the_middleware_and_refuses_a_key_for_vllm_alone(
             vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, extra, on_gpu=False)
 
 
-def test_serving_settings_come_from_the_command_line_then_the_recipe_then_the_defaults(tmp_path: Path) -> None:
-    from argparse import Namespace
+def test_the_server_takes_the_stages_command_line(tmp_path: Path) -> None:
+    """The recipe and dotted overrides, as every stage takes them: a run trained with overrides is served with the
+    same ones, and the serve section's limits reach the middleware."""
+    import subprocess
+    import sys
 
     from serving import vllm_server
 
-    recipe = load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}], serve={"shutdown_grace": 2.5}))
-    args = Namespace(shutdown_grace=1.0, max_n=None, max_tokens_limit=None)
-    vllm_server.apply_recipe_limits(args, recipe.serve)
-    assert (args.shutdown_grace, args.max_n, args.max_tokens_limit) == (1.0, middleware.DEFAULT_MAX_N, None)
-    args = Namespace(shutdown_grace=None, max_n=None, max_tokens_limit=64)
-    vllm_server.apply_recipe_limits(args, recipe.serve)
-    assert (args.shutdown_grace, args.max_tokens_limit) == (2.5, 64)
-    assert load_recipe(REPO / "configs" / "tiny.yaml").serve.shutdown_grace == middleware.DEFAULT_SHUTDOWN_GRACE
-    with pytest.raises(ConfigError, match="serve.max_n"):
-        load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}], serve={"max_n": 0}))
+    command = [sys.executable, "-m", "serving.vllm_server", "--print-config", "data.max_length=256", "serve.max_n=3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["data"]["max_length"] == 256 and resolved["serve"]["max_n"] == 3
+    refused = subprocess.run([*command[:3], "serve.max_n=0"], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "serve.max_n: input should be greater than or equal to 1" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    path = write_recipe(tmp_path, [{"path": "x.jsonl"}])
+    settings = vllm_server.middleware_settings(load_recipe(path).serve, SERVING, None)
+    assert (settings.max_n, settings.shutdown_grace) == (middleware.DEFAULT_MAX_N, middleware.DEFAULT_SHUTDOWN_GRACE)
+    assert settings.max_tokens == SERVING["max_model_len"]  # no serve.max_tokens: the model length
+    overridden = load_recipe(path, ["serve.max_n=3", "serve.max_tokens=16", "serve.shutdown_grace=2.5"]).serve
+    settings = vllm_server.middleware_settings(overridden, SERVING, "k")
+    assert (settings.max_n, settings.max_tokens, settings.shutdown_grace, settings.api_key) == (3, 16, 2.5, "k")
 
 
 def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 import time
 from types import SimpleNamespace
 
@@ -65,8 +67,9 @@ async def echo(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
     await send({"type": "http.response.body", "body": message.get("body", b"")})
 
 
-def stream(events: int, every: float):  # noqa: ANN201 - an ASGI app
-    """Server-sent events, `events` of them `every` seconds apart, then [DONE]."""
+def stream(events: int, every: float, first_sent: asyncio.Event | None = None):  # noqa: ANN201 - an ASGI app
+    """Server-sent events, `events` of them `every` seconds apart, then [DONE]; `first_sent` is set once the first
+    has gone out."""
 
     async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
         await send(
@@ -78,6 +81,8 @@ def stream(events: int, every: float):  # noqa: ANN201 - an ASGI app
         )
         for index in range(events):
             await send({"type": "http.response.body", "body": f"data: {index}\n\n".encode(), "more_body": True})
+            if first_sent is not None:
+                first_sent.set()
             await asyncio.sleep(every)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
@@ -252,6 +257,12 @@ def router(routes: dict):  # noqa: ANN201 - an ASGI app
     return app
 
 
+async def started(app: middleware.ServingGuard, requests: int) -> None:
+    """Until `requests` requests are running in the app: the drain comes after they began, whatever the machine."""
+    while len(app._running) < requests:
+        await asyncio.sleep(0)
+
+
 def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -265,7 +276,7 @@ def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(
 
     async def scenario() -> tuple[list, float]:
         requests = [asyncio.ensure_future(call(app, path, headers=AUTH)) for path in ("/short", "/long", "/slow")]
-        await asyncio.sleep(0.02)
+        await started(app, 3)
         app.drain(server)
         drained = time.perf_counter()
         late = await call(app, "/v1/models", "GET", headers=AUTH)
@@ -273,9 +284,10 @@ def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(
         return [*await asyncio.gather(*requests), late, health], time.perf_counter() - drained
 
     (short, long, slow, late, health), seconds = asyncio.run(scenario())
-    assert server.should_exit and grace <= seconds < grace + 0.5
-    assert body(short) == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
     events = body(long).decode().split("\n\n")
+    # Ended by the grace period, not before it, and long before the stream's own end (1000 events, 50 s).
+    assert server.should_exit and seconds >= grace and len(events) < 1000
+    assert body(short) == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
     assert events[-3:] == [events[-3], "data: [DONE]", ""] and events[-3].startswith("data: {")
     assert json.loads(events[-3][len("data: ") :])["error"]["code"] == 503 and long[-1]["more_body"] is False
     assert status(slow) == 503 and "shut down before this request finished" in error(slow)["message"]
@@ -283,27 +295,78 @@ def test_a_drain_lets_requests_finish_within_the_grace_period_and_ends_the_rest(
 
 
 def test_a_second_signal_ends_the_requests_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    app = guard(monkeypatch, router({"/long": stream(1000, 0.05)}), shutdown_grace=60)
     server = SimpleNamespace(should_exit=False)
 
     async def scenario() -> tuple[list, float]:
+        first_sent = asyncio.Event()
+        app = guard(monkeypatch, router({"/long": stream(1000, 0.05, first_sent)}), shutdown_grace=60)
         request = asyncio.ensure_future(call(app, "/long", headers=AUTH))
-        await asyncio.sleep(0.1)
+        await first_sent.wait()
         app.drain(server)
         app.drain(server)
-        started = time.perf_counter()
-        return await request, time.perf_counter() - started
+        signalled = time.perf_counter()
+        return await request, time.perf_counter() - signalled
 
     sent, seconds = asyncio.run(scenario())
-    assert seconds < 1 and b'"code": 503' in body(sent) and body(sent).endswith(b"data: [DONE]\n\n")
+    # At once: long before the 60 s grace, and before the stream's own end (1000 events, 50 s).
+    assert seconds < 60 and len(body(sent).split(b"\n\n")) < 1000
+    assert b'"code": 503' in body(sent) and body(sent).endswith(b"data: [DONE]\n\n")
 
 
-@pytest.mark.parametrize("prompt", ["", [], ["a", ""], [[1, 2], []]])
-def test_an_empty_prompt_gets_a_400_before_vllm_streams(monkeypatch: pytest.MonkeyPatch, prompt: object) -> None:
-    app = guard(monkeypatch, echo)
-    body = json.dumps({"model": "m", "prompt": prompt, "stream": True}).encode()
-    sent = asyncio.run(call(app, "/v1/completions", "POST", body, {**JSON, **AUTH}))
-    assert status(sent) == 400 and b'"param": "prompt"' in b"".join(m.get("body", b"") for m in sent)
+def refused_stream(code: int):  # noqa: ANN201 - an ASGI app
+    """A stream whose first event is an error with `code`, as vLLM's generators write a refusal, then [DONE]."""
+    refusal = {
+        "error": {"message": "stop_token_ids out of vocab", "type": "BadRequestError", "param": "stop", "code": code}
+    }
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {"type": "http.response.body", "body": f"data: {json.dumps(refusal)}\n\n".encode(), "more_body": True}
+        )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def test_a_stream_refused_before_its_first_event_gets_the_refusals_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = asyncio.run(call(guard(monkeypatch, refused_stream(400)), headers={**JSON, **AUTH}, body=b"{}"))
+    assert status(sent) == 400 and error(sent) == {
+        "message": "stop_token_ids out of vocab",
+        "type": "BadRequestError",
+        "param": "stop",
+        "code": 400,
+    }
+    assert len(sent) == 2  # nothing of the stream follows the answer
+
+
+def test_streams_with_output_or_a_server_error_are_sent_as_they_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = asyncio.run(call(guard(monkeypatch, stream(2, 0)), headers={**JSON, **AUTH}, body=b"{}"))
+    assert status(sent) == 200 and body(sent) == b"data: 0\n\ndata: 1\n\ndata: [DONE]\n\n"
+    sent = asyncio.run(call(guard(monkeypatch, refused_stream(500)), headers={**JSON, **AUTH}, body=b"{}"))
+    assert status(sent) == 200 and body(sent).startswith(b'data: {"error"') and body(sent).endswith(b"[DONE]\n\n")
+
+
+def test_a_refusal_inside_a_stream_is_logged_without_a_traceback() -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    def logged(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:
+            record = logging.LogRecord(
+                "vllm.x", logging.ERROR, __file__, 1, "Error in chat completion stream generator.", (), sys.exc_info()
+            )
+        assert middleware.RefusedRequestLog().filter(record)
+        return record
+
+    refused = logged(VLLMValidationError("token_id(s) [5000] out of vocab", parameter="stop_token_ids"))
+    assert (
+        refused.exc_info is None and refused.levelno == logging.INFO and "[5000] out of vocab" in refused.getMessage()
+    )
+    failed = logged(RuntimeError("engine died"))
+    assert failed.exc_info is not None and failed.levelno == logging.ERROR
 
 
 def models_listing(status_code: int = 200):  # noqa: ANN201 - an ASGI app

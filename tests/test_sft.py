@@ -140,11 +140,14 @@ def test_same_seed_same_curve_other_seed_other_curve(tmp_path: Path) -> None:
     assert curves[0] != curves[2]
 
 
-def start_paused_at(step: int, module: str, *args: str) -> subprocess.Popen:
-    """A stage module that stops itself once checkpoint `step` is saved (tests/pause_after_save.py); `signal_paused`
-    then delivers a signal there."""
+PAUSE_AFTER_SAVE = REPO / "tests" / "pause_after_save.py"
+
+
+def start_paused_at(step: int | str, module: str, *args: str) -> subprocess.Popen:
+    """A module that stops itself once checkpoint `step` (or `STAGE:STEP`) is saved (tests/pause_after_save.py);
+    `signal_paused` then delivers a signal there."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "pause_after_save.py"), str(step), "-m", module, *args],
+        [sys.executable, str(PAUSE_AFTER_SAVE), str(step), "-m", module, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -152,28 +155,26 @@ def start_paused_at(step: int, module: str, *args: str) -> subprocess.Popen:
     )
 
 
-def signal_paused(process: subprocess.Popen, signum: int, timeout: float = 600) -> None:
-    """Wait until the process has stopped itself, then deliver `signum` (and let it run on to handle it)."""
+def wait_paused(process: subprocess.Popen, timeout: float = 600) -> int:
+    """The pid of the process (or of one of its children, under a launcher) once it has stopped itself."""
     import psutil
 
     deadline = time.time() + timeout
-    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED:
+    while True:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        stopped = [p.pid for p in family if p.status() == psutil.STATUS_STOPPED]
+        if stopped:
+            return stopped[0]
         assert process.poll() is None and time.time() < deadline, "the stage ended or never reached its checkpoint"
         time.sleep(0.05)
+
+
+def signal_paused(process: subprocess.Popen, signum: int, timeout: float = 600) -> None:
+    """Wait until the process has stopped itself, then deliver `signum` (and let it run on to handle it)."""
+    wait_paused(process, timeout)
     process.send_signal(signum)
     if signum != signal.SIGKILL:
         process.send_signal(signal.SIGCONT)
-
-
-def wait_for(path_glob: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = [p for p in path_glob.glob(pattern) if (p / training.TRAINER_STATE).is_file()]
-        if found:
-            return found[0]
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"no {pattern} under {path_glob} within {timeout} s")
 
 
 def adapter_tensors(folder: Path) -> dict:
@@ -287,9 +288,9 @@ def test_max_length_shorter_than_every_example(tmp_path: Path) -> None:
 
 
 def test_global_batch_is_the_same_for_any_process_count() -> None:
-    from pipeline.core.config import SFTSection
+    from pipeline.core.schema import SFTSection
 
-    section = SFTSection(global_batch_size=32, trainer={"per_device_train_batch_size": 4})
+    section = SFTSection(global_batch_size=32, per_device_train_batch_size=4)
     plans = [training.plan_batch(section, "sft", n) for n in (1, 2, 4, 8)]
     assert [p.global_batch for p in plans] == [32, 32, 32, 32]
     assert [(p.per_device, p.accumulation) for p in plans] == [(4, 8), (4, 4), (4, 2), (4, 1)]

@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 # data/
 STATS = "stats.json"
+TRAIN_SPLIT, HELD_OUT_SPLIT = "train", "eval"  # the splits of each data set below
 TOKENIZER_DIR = "tokenizer"
 SFT_DATA_DIR = "sft"  # DatasetDict with train/eval splits of chat `messages`, tokenized
 PREFERENCE_DATA_DIR = "preference"  # DatasetDict with train/eval splits of prompt/chosen/rejected
@@ -37,6 +38,8 @@ LOG_HISTORY = "log_history.json"
 TRAINING_ARGS = "training_args.json"
 LOSS_PLOT = "loss.png"
 REWARDS_PLOT = "rewards.png"
+KL_PLOT = "kl.png"  # grpo/
+LENGTH_PLOT = "completion_length.png"  # grpo/
 START_MODEL_DIR = "base_model"  # the trained model DPO or GRPO continued, in full precision: an adapter's base
 CHECKPOINTS_DIR = "checkpoints"  # in <stage>.partial/ while training; removed when the stage completes
 RESUME_KEY = "resume_key.json"
@@ -45,10 +48,13 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "report.md"
 METRICS_PLOT = "metrics.png"
+EVAL_CACHE_DIR = "models"  # one JSON per model: its results and the key they were measured under
 # export/
 SERVING_FILE = "serving.json"
 ONNX_DIR = "onnx"
 ADAPTER_DIR = "adapter"
+# <run>/tracking/<stage>/, beside the stage folders: what run.report_to's trackers write
+TRACKING_DIR = "tracking"
 
 TRACKED_PACKAGES = (
     "torch",

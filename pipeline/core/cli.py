@@ -71,7 +71,9 @@ if not verbose():
     _quiet_loggers()
 
 
-def recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def recipe_parser(prog: str, description: str, runs_stages: bool = True) -> argparse.ArgumentParser:
+    """The command line of everything that reads a recipe (stages, the runner, the server): --config, overrides,
+    -v, --print-config; and --force where it runs stages."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -81,7 +83,8 @@ def recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"recipe YAML (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--force", action="store_true", help="run even if the artifact is up to date")
+    if runs_stages:
+        parser.add_argument("--force", action="store_true", help="run even if the artifact is up to date")
     parser.add_argument("-v", "--verbose", action="store_true", help="show every library message and training log line")
     parser.add_argument(
         "--print-config",
@@ -107,7 +110,7 @@ def stage_parser(stage: stages.Stage) -> argparse.ArgumentParser:
 
 
 def print_config(recipe: Any) -> stages.Outcome:
-    from pipeline.core.config import resolved_yaml
+    from pipeline.core.schema import resolved_yaml
 
     print(resolved_yaml(recipe), end="")
     return stages.Outcome.SKIPPED
@@ -161,6 +164,8 @@ def stage_main(
         recipe = load_recipe(args.pop("config"), args.pop("overrides"))
         if args.pop("print_config"):
             return print_config(recipe)
-        return run(recipe, **args)
+        if args.get("targets") is not None:
+            args["targets"] = tuple(args["targets"])
+        return run(recipe, stages.Options(**args))
 
     return lambda argv=None: run_cli(entry, argv)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import PREFERENCE_FORMATS, SourceConfig
 from pipeline.core.errors import DataError
+from pipeline.core.schema import PREFERENCE_FORMATS, SourceConfig
 
 # OpenAI / HF role aliases, and ShareGPT's `from` tags (LLaMA-Factory's names included).
 ROLE_ALIASES = {

@@ -10,7 +10,7 @@ from pipeline.core.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from pipeline.core.config import ModelConfig
+    from pipeline.core.schema import ModelConfig, Recipe
 
 
 def torch_dtype(name: str) -> Any:
@@ -78,6 +78,65 @@ def attends_within_rows(name: str | None) -> bool:
         name.startswith("flash_attention_")
         or name == "flex_attention"
         or (is_hub_kernel(name) and "flash-attn" in name)
+    )
+
+
+def check_attention(model: ModelConfig) -> None:
+    """Refuse an attention implementation the installed transformers does not know."""
+    name = model.attn_implementation
+    if name is None or name in attention_names() or is_hub_kernel(name):
+        return
+    raise ConfigError(
+        f"model.attn_implementation '{name}' is not an attention implementation of transformers: use one of "
+        f"{', '.join(attention_names())}, a Hub kernel as ORG/REPO (e.g. kernels-community/flash-attn2), or leave it "
+        "empty for transformers' default (sdpa)."
+    )
+
+
+# The largest padding-free micro-batch, in tokens (per-device rows x data.max_length), that attention without row
+# boundaries (sdpa, eager) may take. It keeps the rows apart under a dense mask over the whole flattened micro-batch,
+# so its attention costs grow with the square of that length (the README's "GPUs: attention and packing" gives the
+# measurements behind the limit).
+DENSE_ATTENTION_TOKEN_LIMIT = 2048
+
+
+def trains_padding_free(trainer: dict[str, Any]) -> bool:
+    """Whether TRL's SFTTrainer flattens each micro-batch into one sequence (rows apart only by position ids that
+    restart at 0): `padding_free`, or packing with a best-fit strategy, which implies it."""
+    return bool(trainer.get("padding_free")) or (
+        bool(trainer.get("packing")) and trainer.get("packing_strategy", "bfd") in ("bfd", "bfd_split")
+    )
+
+
+def check_padding_free_attention(recipe: Recipe) -> None:
+    """Refuse padding-free SFT micro-batches that attention without row boundaries would pay for quadratically.
+
+    Only SFT: TRL 1.16's DPOTrainer turns padding_free off and pads. The largest micro-batch a launch can derive is
+    the whole global batch on one process, when per_device_train_batch_size is not set.
+    """
+    sft, name = recipe.sft, recipe.model.attn_implementation
+    if not trains_padding_free(sft.trainer) or attends_within_rows(name):
+        return
+    rows = sft.trainer.get("per_device_train_batch_size") or sft.global_batch_size
+    length = recipe.data.max_length
+    if rows * length <= DENSE_ATTENTION_TOKEN_LIMIT:
+        return
+    how = (
+        "sft.padding_free"
+        if sft.trainer.get("padding_free")
+        else f"sft.packing ('{sft.trainer.get('packing_strategy', 'bfd')}' strategy)"
+    )
+    fits = [n for n in range(DENSE_ATTENTION_TOKEN_LIMIT // length, 0, -1) if sft.global_batch_size % n == 0]
+    smaller = f"sft.per_device_train_batch_size: {fits[0]} ({fits[0]} x {length} tokens); or " if fits else ""
+    raise ConfigError(
+        f"{how} trains padding-free micro-batches of up to {rows} rows x {length} tokens (data.max_length) ="
+        f" {rows * length:,} tokens with model.attn_implementation {name or 'unset (sdpa)'}, which keeps the rows apart"
+        " only under a dense mask over the whole micro-batch: its cost grows with the square of that length (allowed"
+        f" up to {DENSE_ATTENTION_TOKEN_LIMIT:,} tokens). Set model.attn_implementation to one that attends within each"
+        " row: flash_attention_2 or flash_attention_3 (CUDA; the flash-attn package, or the kernels package, which"
+        " fetches the kernel from the Hub), kernels-community/flash-attn2 (that Hub kernel by name), or flex_attention"
+        f" (CUDA; it has no backward pass on the CPU). Or set {smaller}sft.packing: false and sft.padding_free:"
+        " false (padded micro-batches)."
     )
 
 

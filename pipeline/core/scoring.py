@@ -15,12 +15,40 @@ from pipeline.core.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from pipeline.core.schema import EvaluateConfig
+
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
 
 def shipped_metrics() -> list[str]:
     return sorted(p.stem for p in METRICS_DIR.glob("*.py"))
+
+
+def check_evaluate_section(evaluate: EvaluateConfig, model_names: tuple[str, ...]) -> None:
+    """Refuse metrics that are not shipped and gates that are not MODEL.METRIC or MODEL-MODEL.METRIC over
+    `model_names` (the stages that yield a model)."""
+    shipped = shipped_metrics()
+    for name in evaluate.metrics:
+        if name not in shipped:
+            raise ConfigError(
+                f"evaluate.metrics: '{name}' is not shipped; the shipped metrics are: {', '.join(shipped)}."
+            )
+    for key in evaluate.gates:
+        subject, dot, metric = key.partition(".")
+        names = subject.split("-")
+        if not dot or not metric or len(names) > 2 or any(n not in model_names for n in names):
+            raise ConfigError(
+                f"evaluate.gates: '{key}' is not MODEL.METRIC (minimum) or MODEL-MODEL.METRIC (minimum difference) "
+                f"with models among {', '.join(model_names)}, e.g. dpo.exact_match, dpo-sft.exact_match, or "
+                "dpo-sft.exact_match@data/tools.jsonl for the held-out rows of one data source."
+            )
+
+
+def same_answer(output: str, reference: str) -> bool:
+    """Exact match, the one definition every score, reward, report and the `exact_match` metric module use: the
+    texts are equal but for surrounding whitespace."""
+    return output.strip() == reference.strip()
 
 
 def compute_metric(name: str, predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -251,7 +279,7 @@ class HeldOut:
                 scores.update(compute_metric(metric, outputs["answers"], [r["reference"] for r in answers]))
             after_tool = [(o, r["reference"]) for o, r in zip(outputs["answers"], answers) if r["after_tool"]]
             if after_tool:
-                scores["tool_answer_match"] = sum(o.strip() == ref.strip() for o, ref in after_tool) / len(after_tool)
+                scores["tool_answer_match"] = sum(same_answer(o, ref) for o, ref in after_tool) / len(after_tool)
         if calls:
             scores.update(tool_call_scores(outputs["tool_calls"], [r["reference"] for r in calls]))
         if chosen:
@@ -261,7 +289,7 @@ class HeldOut:
         for name, metric in (("answers", "exact_match"), ("chosen", "chosen_match")):
             groups: dict[str, list[bool]] = {}
             for output, row in zip(outputs.get(name, []), self.sets[name]):
-                groups.setdefault(self.sources[row["source"]], []).append(output.strip() == row["reference"].strip())
+                groups.setdefault(self.sources[row["source"]], []).append(same_answer(output, row["reference"]))
             for label, hits in groups.items():
                 by_source.setdefault(label, {})[metric] = sum(hits) / len(hits)
         if by_source:

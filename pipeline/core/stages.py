@@ -15,13 +15,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.core import artifacts
 from pipeline.core.errors import MissingArtifactError
 
 if TYPE_CHECKING:
-    from pipeline.core.config import Recipe
+    from pipeline.core.schema import Recipe
 
 # A stage stopped by SIGTERM exits with this status (128 + SIGTERM, what a shell reports for a process the signal
 # ended): not 0, so a scheduler or a script does not take a stopped run for a finished one.
@@ -35,6 +35,21 @@ class Outcome(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Options:
+    """How to run a stage, beside the recipe: the command-line flags, the same for every stage's `run`."""
+
+    force: bool = False  # run even if the artifact is up to date
+    allow_drift: bool = False  # training: resume although the recipe or data changed
+    fresh: bool = False  # training: discard an interrupted run's checkpoints
+    allow_failed_gates: bool = False  # export: export a model that failed its evaluation gates
+    preview: int = 0  # data: print this many training rows as the model sees them
+    targets: tuple[str, ...] | None = None  # export: the targets to build instead of export.targets
+
+
+ModelInputs = Literal["", "newest", "every"]
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     module: str
@@ -43,7 +58,10 @@ class Stage:
     config_keys: tuple[str, ...] = ()  # recipe keys (dotted) its artifact depends on
     headline: tuple[str, ...] = ()  # manifest metrics shown in the run table
     trains: bool = False  # runs under `accelerate launch`, resumes after a kill, stops on SIGTERM
-    model: bool = False  # its artifact holds a model that evaluation and export can use
+    model: bool = False  # its artifact holds a model that evaluation can score (and export take, once trained)
+    only_if: Callable[[Recipe], bool] | None = None  # the recipes that have this stage; None: every recipe
+    # The model artifacts it takes beside `inputs`: the newest complete trained one before it, or every one.
+    model_inputs: ModelInputs = ""
 
     @property
     def command(self) -> str:
@@ -53,13 +71,12 @@ class Stage:
         return f"python -m {self.module}"
 
     def applies(self, recipe: Recipe) -> bool:
-        """Whether the recipe has this stage: the base stage exists only for recipes that build their model, the
-        GRPO stage only for recipes that give it a reward."""
-        if self.name == "base":
-            return recipe.model.init is not None
-        if self.name == "grpo":
-            return bool(recipe.grpo.rewards)
-        return True
+        """Whether the recipe has this stage."""
+        return self.only_if is None or self.only_if(recipe)
+
+    def folder(self, recipe: Recipe) -> Path:
+        """Where the stage's artifact lives in the recipe's run."""
+        return recipe.run_dir / self.name
 
     def section(self, recipe: Recipe) -> Any:
         """The recipe section named after the stage, if there is one (sft, dpo)."""
@@ -68,77 +85,82 @@ class Stage:
 
 _TRAINING_KEYS = ("run.seed", "model", "data.max_length")
 
-STAGES: tuple[Stage, ...] = (
-    Stage(
+DATA = Stage(
+    "data",
+    "pipeline.data",
+    "Data prep: read, validate, de-duplicate, split and tokenize the training data.",
+    config_keys=(
+        "run.seed",
         "data",
-        "pipeline.data",
-        "Data prep: read, validate, de-duplicate, split and tokenize the training data.",
-        config_keys=(
-            "run.seed",
-            "data",
-            "model.name_or_path",
-            "model.tokenizer",
-            "model.train_tokenizer_vocab_size",
-            "model.chat_template",
-            "model.revision",
-        ),
-        headline=("sft_train_rows", "preference_train_rows"),
+        "model.name_or_path",
+        "model.tokenizer",
+        "model.train_tokenizer_vocab_size",
+        "model.chat_template",
+        "model.revision",
     ),
-    Stage(
-        "base",
-        "pipeline.base",
-        "Base model: build a fresh model from model.init (recipes without a pretrained model).",
-        inputs=("data",),
-        config_keys=("run.seed", "model.init", "model.dtype"),
-        headline=("parameters",),
-    ),
-    Stage(
-        "sft",
-        "pipeline.sft",
-        "SFT: supervised fine-tuning with TRL's SFTTrainer (full, LoRA, QLoRA, DoRA).",
-        inputs=("data", "base"),
-        config_keys=(*_TRAINING_KEYS, "sft"),
-        headline=("final_loss", "tokens_per_second"),
-        trains=True,
-        model=True,
-    ),
-    Stage(
-        "dpo",
-        "pipeline.dpo",
-        "DPO: preference tuning with TRL's DPOTrainer on top of the SFT model.",
-        inputs=("data", "sft"),
-        config_keys=(*_TRAINING_KEYS, "sft.method", "dpo"),
-        headline=("final_loss", "rewards_accuracies"),
-        trains=True,
-        model=True,
-    ),
-    Stage(
-        "grpo",
-        "pipeline.grpo",
-        "GRPO: online RL with TRL's GRPOTrainer and verifiable rewards on the newest of the DPO and SFT models.",
-        inputs=("data",),
-        config_keys=(*_TRAINING_KEYS, "grpo", "evaluate.max_new_tokens"),
-        headline=("reward_start", "reward_end"),
-        trains=True,
-        model=True,
-    ),
-    Stage(
-        "eval",
-        "pipeline.evaluate",
-        "Evaluation: every trained model side by side on the held-out split, a report and gates.",
-        inputs=("data",),
-        config_keys=("evaluate", "model.dtype", "model.attn_implementation"),
-        headline=("dpo_exact_match", "dpo_chosen_match", "sft_chosen_match", "gates_passed"),
-    ),
-    Stage(
-        "export",
-        "pipeline.export",
-        "Export: merged weights for vLLM and transformers, and ONNX, each checked.",
-        inputs=("data",),
-        config_keys=("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
-        headline=("merge_max_abs_logit_diff",),
-    ),
+    headline=("sft_train_rows", "preference_train_rows"),
 )
+BASE = Stage(
+    "base",
+    "pipeline.base",
+    "Base model: build a fresh model from model.init (recipes without a pretrained model).",
+    inputs=("data",),
+    config_keys=("run.seed", "model.init", "model.dtype"),
+    headline=("parameters",),
+    model=True,
+    only_if=lambda recipe: recipe.model.init is not None,
+)
+SFT = Stage(
+    "sft",
+    "pipeline.sft",
+    "SFT: supervised fine-tuning with TRL's SFTTrainer (full, LoRA, QLoRA, DoRA).",
+    inputs=("data", "base"),
+    config_keys=(*_TRAINING_KEYS, "sft"),
+    headline=("final_loss", "tokens_per_second"),
+    trains=True,
+    model=True,
+)
+DPO = Stage(
+    "dpo",
+    "pipeline.dpo",
+    "DPO: preference tuning with TRL's DPOTrainer on top of the SFT model.",
+    inputs=("data", "sft"),
+    config_keys=(*_TRAINING_KEYS, "sft.method", "dpo"),
+    headline=("final_loss", "rewards_accuracies"),
+    trains=True,
+    model=True,
+)
+GRPO = Stage(
+    "grpo",
+    "pipeline.grpo",
+    "GRPO: online RL with TRL's GRPOTrainer and verifiable rewards on the newest of the DPO and SFT models.",
+    inputs=("data",),
+    config_keys=(*_TRAINING_KEYS, "grpo", "evaluate.max_new_tokens"),
+    headline=("reward_start", "reward_end"),
+    trains=True,
+    model=True,
+    only_if=lambda recipe: bool(recipe.grpo.rewards),
+    model_inputs="newest",
+)
+EVAL = Stage(
+    "eval",
+    "pipeline.evaluate",
+    "Evaluation: every trained model side by side on the held-out split, a report and gates.",
+    inputs=("data",),
+    config_keys=("evaluate", "model.dtype", "model.attn_implementation"),
+    headline=("dpo_exact_match", "dpo_chosen_match", "sft_chosen_match", "gates_passed"),
+    model_inputs="every",
+)
+EXPORT = Stage(
+    "export",
+    "pipeline.export",
+    "Export: merged weights for vLLM and transformers, and ONNX, each checked.",
+    inputs=("data",),
+    config_keys=("export", "serve", "run.name", "model.dtype", "data.max_length", "evaluate.max_new_tokens"),
+    headline=("merge_max_abs_logit_diff",),
+    model_inputs="newest",
+)
+STAGES: tuple[Stage, ...] = (DATA, BASE, SFT, DPO, GRPO, EVAL, EXPORT)
 NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -149,36 +171,61 @@ def get(name: str) -> Stage:
 
 def model_stages(recipe: Recipe) -> list[Stage]:
     """Stages whose artifact is a model, in pipeline order (the base first, where the recipe builds one)."""
-    return [stage for stage in STAGES if (stage.model or stage.name == "base") and stage.applies(recipe)]
+    return [stage for stage in STAGES if stage.model and stage.applies(recipe)]
+
+
+def model_names() -> tuple[str, ...]:
+    """Every stage that can yield a model (evaluation's subjects, the gates' MODEL names), whatever the recipe."""
+    return tuple(stage.name for stage in STAGES if stage.model)
 
 
 def trained_stages() -> list[Stage]:
-    return [stage for stage in STAGES if stage.model]
+    return [stage for stage in STAGES if stage.model and stage.trains]
 
 
-def newest_trained(recipe: Recipe, needed_by: str) -> Stage:
-    """The last trained stage with a complete artifact: what export (and serving) take as the final model."""
-    for stage in reversed(trained_stages()):
+def complete_models(recipe: Recipe) -> list[Stage]:
+    """Every model stage of the recipe whose artifact is complete, in pipeline order."""
+    return [stage for stage in model_stages(recipe) if artifacts.manifest_is_complete(stage.folder(recipe))]
+
+
+def newest_trained_before(stage: Stage, recipe: Recipe) -> Stage:
+    """The last trained stage before `stage` with a complete artifact: the model GRPO continues and export takes."""
+    candidates = [s for s in trained_stages() if STAGES.index(s) < STAGES.index(stage) and s.applies(recipe)]
+    for candidate in reversed(candidates):
         # A stage the recipe does not have (GRPO without rewards) is never its final model, even if an earlier
         # recipe of the same run left its artifact behind.
-        if stage.applies(recipe) and artifacts.manifest_is_complete(recipe.run_dir / stage.name):
-            return stage
-    first = trained_stages()[0]
+        if artifacts.manifest_is_complete(candidate.folder(recipe)):
+            return candidate
     raise MissingArtifactError(
-        f"the {needed_by} stage needs a trained model, but {recipe.run_dir} has no complete"
-        f" {' or '.join(s.name for s in trained_stages() if s.applies(recipe))} artifact. Run `{first.command} --config"
+        f"the {stage.name} stage needs a trained model, but {recipe.run_dir} has no complete"
+        f" {' or '.join(s.name for s in reversed(candidates))} artifact. Run `{candidates[0].command} --config"
         f" {recipe.source_path}` first."
     )
+
+
+def model_inputs(stage: Stage, recipe: Recipe) -> list[Stage]:
+    """The model stages `stage` takes as inputs, as its table entry says."""
+    if stage.model_inputs == "newest":
+        return [newest_trained_before(stage, recipe)]
+    if stage.model_inputs == "every":
+        found = complete_models(recipe)
+        if not found:
+            raise MissingArtifactError(
+                f"no model artifacts in {recipe.run_dir} to {stage.name}. Run `{SFT.command} --config "
+                f"{recipe.source_path}` first (and `{BASE.command}` for a recipe that builds its model)."
+            )
+        return found
+    return []
 
 
 def config_hash(stage: Stage, recipe: Recipe) -> str:
     return recipe.section_hash(*stage.config_keys)
 
 
-def require(name: str, recipe: Recipe, needed_by: str) -> Path:
+def require(stage: Stage, recipe: Recipe, needed_by: str) -> Path:
     """The folder of a complete artifact made with the recipe's current settings, or an error naming the command."""
-    stage = get(name)
-    folder = recipe.run_dir / name
+    name = stage.name
+    folder = stage.folder(recipe)
     command = f"`{stage.command} --config {recipe.source_path}`"
     if not artifacts.manifest_is_complete(folder):
         state = (
@@ -215,7 +262,9 @@ def prepare(stage: Stage, recipe: Recipe, inputs: dict[str, dict[str, Any]] | No
     run = artifacts.StageRun(stage.name, recipe.run_dir, recipe.to_dict(), config_hash(stage, recipe))
     for name in stage.inputs:
         if get(name).applies(recipe):
-            run.add_input(name, require(name, recipe, stage.name))
+            run.add_input(name, require(get(name), recipe, stage.name))
+    for model in model_inputs(stage, recipe):
+        run.add_input(model.name, require(model, recipe, stage.name))
     run.inputs.update(inputs or {})
     return run
 
@@ -266,7 +315,7 @@ def execute(
 
 
 def headline(stage: Stage, recipe: Recipe) -> str:
-    metrics = (artifacts.read_manifest(recipe.run_dir / stage.name) or {}).get("metrics", {})
+    metrics = (artifacts.read_manifest(stage.folder(recipe)) or {}).get("metrics", {})
     shown = [
         f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key} {metrics[key]}"
         for key in stage.headline

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-TRACKING_DIR = "tracking"
+from pipeline.core import artifacts
 
 
 def folder(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / TRACKING_DIR / stage
+    return Path(run_dir) / artifacts.TRACKING_DIR / stage
 
 
 def trainer_fields(recipe: Any, stage: str) -> dict[str, Any]:
@@ -29,13 +29,13 @@ def trainer_fields(recipe: Any, stage: str) -> dict[str, Any]:
     return {"report_to": list(recipe.run.report_to)}
 
 
-def log_evaluation(recipe: Any, results: dict[str, dict[str, Any]]) -> None:
+def log_evaluation(recipe: Any, stage: str, results: dict[str, dict[str, Any]]) -> None:
     """Every model's evaluation scalars, one tag per model and metric, as one step of the run's evaluation history."""
     if "tensorboard" not in recipe.run.report_to:
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(folder(recipe.run_dir, "eval")))
+    writer = SummaryWriter(log_dir=str(folder(recipe.run_dir, stage)))
     try:
         for model, scores in results.items():
             for metric, value in scores.items():

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core import artifacts, chat, launch, models, stages, tracking
 from pipeline.core.artifacts import CHECKPOINTS_DIR, RESUME_KEY
-from pipeline.core.config import Recipe, TrainingSection
 from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.schema import Recipe, TrainingSection
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, Trainer
@@ -136,7 +136,7 @@ def pretrained_input(recipe: Recipe) -> dict[str, dict[str, Any]]:
 
 def base_model_path(recipe: Recipe) -> str | Path:
     """The model SFT starts from: the base artifact of a recipe that builds one, else the pretrained id or folder."""
-    return recipe.run_dir / "base" if recipe.model.init is not None else recipe.model.name_or_path
+    return stages.BASE.folder(recipe) if recipe.model.init is not None else recipe.model.name_or_path
 
 
 def load_trainable_model(
@@ -470,7 +470,7 @@ class ContinuedModel:
             adapter,
             self.recipe.model,
             self.path,
-            chat.load_tokenizer(self.recipe.run_dir / "data" / artifacts.TOKENIZER_DIR),
+            chat.load_tokenizer(stages.DATA.folder(self.recipe) / artifacts.TOKENIZER_DIR),
         )
 
     def record(self, work: Path) -> dict[str, Any]:
@@ -518,10 +518,7 @@ def run_stage(
     stage: stages.Stage,
     recipe: Recipe,
     job: Callable[[artifacts.StageRun], Job],
-    *,
-    force: bool,
-    allow_drift: bool,
-    fresh: bool,
+    options: stages.Options,
     inputs: dict[str, dict[str, Any]] | None = None,
 ) -> stages.Outcome:
     """Train `stage` with the TRL trainer its job describes; resume an interrupted run; stop cleanly on SIGTERM."""
@@ -532,7 +529,7 @@ def run_stage(
         args = trainer_arguments(
             plan.config_class, recipe, section, stage.name, run.work_dir / CHECKPOINTS_DIR, **plan.owned
         )
-        resume_from = begin_or_resume(run, allow_drift=allow_drift, fresh=fresh)
+        resume_from = begin_or_resume(run, allow_drift=options.allow_drift, fresh=options.fresh)
         model = load_trainable_model(recipe, section, stage.name, plan.start(args))
         trainer = plan.make_trainer(model, args, section)
         metrics = train_and_save(trainer, run, resume_from, plan.plots)
@@ -548,4 +545,4 @@ def run_stage(
             extra={"model": record},
         )
 
-    return stages.execute(stage, recipe, work, force=force, inputs=inputs)
+    return stages.execute(stage, recipe, work, force=options.force, inputs=inputs)

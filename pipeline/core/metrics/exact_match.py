@@ -1,8 +1,10 @@
-"""Exact match, as an `evaluate` metric module loaded by path (the Hub copy cannot be fetched offline)."""
+"""Exact match, as an `evaluate` metric module loaded by path (the Hub copy cannot be fetched offline); what counts
+as a match is `pipeline.core.scoring.same_answer`, the one definition the rewards and the report use too."""
 
 import datasets
 import evaluate
-import numpy as np
+
+from pipeline.core.scoring import same_answer
 
 _DESCRIPTION = "Share of predictions equal to their reference after stripping surrounding whitespace."
 
@@ -18,9 +20,6 @@ class ExactMatch(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, ignore_case=False):
-        preds = np.char.strip(np.asarray(predictions, dtype=str))
-        refs = np.char.strip(np.asarray(references, dtype=str))
-        if ignore_case:
-            preds, refs = np.char.lower(preds), np.char.lower(refs)
-        return {"exact_match": float(np.mean(preds == refs)) if len(refs) else 0.0}
+    def _compute(self, predictions, references):
+        matches = [same_answer(p, r) for p, r in zip(predictions, references)]
+        return {"exact_match": sum(matches) / len(matches) if matches else 0.0}
