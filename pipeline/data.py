@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import artifacts, chat, cli, formats, near_duplicates, stages
+from pipeline.core import artifacts, chat, cli, formats, models, near_duplicates, stages
 from pipeline.core.errors import DataError
 from pipeline.core.schema import Recipe, SourceConfig
 
@@ -232,6 +232,9 @@ def _prepare_tokenizer(recipe: Recipe, train_rows: list[dict]) -> Any:
     template = chat.resolve_chat_template(model.chat_template)
     if model.train_tokenizer_vocab_size is not None:
         return chat.train_tokenizer(_training_conversations(train_rows), model.train_tokenizer_vocab_size, template)
+    if model.gguf is not None and model.tokenizer is None:
+        gguf = models.GGUFFile.resolve(model.gguf)
+        return chat.load_tokenizer(gguf.path.parent, template, gguf_file=gguf.path.name)
     return chat.load_tokenizer(
         model.tokenizer or model.name_or_path,
         template,
@@ -244,6 +247,8 @@ def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Ou
     sources = {
         f"source{index}:{source.label}": _source_record(source) for index, source in enumerate(recipe.data.sources)
     }
+    if recipe.model.gguf is not None and recipe.model.tokenizer is None:  # the tokenizer comes from the file
+        sources["gguf"] = artifacts.input_record(models.GGUFFile.resolve(recipe.model.gguf).path)
     outcome = stages.execute(STAGE, recipe, lambda run: _prepare_data(recipe, run), force=options.force, inputs=sources)
     if options.preview:
         print(render_preview(STAGE.folder(recipe), options.preview))

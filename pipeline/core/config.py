@@ -83,6 +83,8 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: st
 def check_with_modules(recipe: Recipe) -> None:
     """The rules that need another module's knowledge; each lives with the module that has it."""
     models.check_attention(recipe.model)
+    if recipe.model.gguf is not None:
+        models.GGUFFile.resolve(recipe.model.gguf)
     for name, section in (("sft", recipe.sft), ("dpo", recipe.dpo), ("grpo", recipe.grpo)):
         if section.launch_config:
             found = launch.from_config_file(section.launch_config, f"{name}.launch_config")

