@@ -61,7 +61,7 @@ def test_the_stage_records_its_parity_checks(exported) -> None:
     out, _ = exported
     checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]
     assert checks["exported_from"] == "dpo"
-    assert checks["merge_max_abs_logit_diff"] <= export.MERGE_TOLERANCE
+    assert checks["merge_relative_logit_diff"] <= export.MERGE_TOLERANCE
     assert checks["template_parity"]["mismatches"] == 0 and checks["template_parity"]["end_of_turn_is_stop"]
     fp32 = checks["onnx"]["fp32"]
     assert fp32["agreement_rate"] == 1.0 and fp32["first_step_max_abs_logit_diff"] <= export.ONNX_LOGIT_TOLERANCE
