@@ -35,7 +35,7 @@ def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Ou
         tokenizer = chat.load_tokenizer(stages.DATA.folder(recipe) / artifacts.TOKENIZER_DIR)
         stop_ids = chat.stop_token_ids(tokenizer)
         if recipe.model.gguf is not None:
-            return _from_gguf(recipe, out, tokenizer, stop_ids)
+            return _from_gguf(recipe, out, tokenizer, stop_ids, inputs["gguf"]["sha256"])
         model = models.build_from_config(recipe.model.init, tokenizer, stop_ids, recipe.run.seed, recipe.model.dtype)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -57,14 +57,14 @@ GGUF_PARITY_TOLERANCE = 1e-5
 PARITY_ROWS = 4
 
 
-def _from_gguf(recipe: Recipe, out: Path, tokenizer: Any, stop_ids: list[int]) -> stages.Result:
+def _from_gguf(recipe: Recipe, out: Path, tokenizer: Any, stop_ids: list[int], sha256: str) -> stages.Result:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
 
     source = models.GGUFFile.resolve(recipe.model.gguf)
-    record = source.record()
-    loaded, _ = source.load(recipe.model.dtype)
+    record = source.record(sha256)
+    loaded = source.load(recipe.model.dtype)
     loaded.generation_config.eos_token_id = stop_ids
     loaded.generation_config.pad_token_id = tokenizer.pad_token_id
     loaded.save_pretrained(out)

@@ -332,8 +332,7 @@ def _refusing_failed_streams(send: Send) -> Send:
         if refused:
             return None
         if message["type"] == "http.response.start":
-            content_type = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
-            if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
+            if message["status"] == 200 and _content_type(message).startswith(b"text/event-stream"):
                 held = message
                 return None
             return await send(message)
@@ -371,6 +370,10 @@ class RefusedRequestLog(logging.Filter):
         return True
 
 
+def _content_type(start: Message) -> bytes:
+    return dict((k.lower(), v) for k, v in start.get("headers", [])).get(b"content-type", b"")
+
+
 class _Response:
     """What an app has sent of its response, so a request cut off at shutdown can still be ended properly."""
 
@@ -383,8 +386,7 @@ class _Response:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            content_type = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
-            self.event_stream = content_type.startswith(b"text/event-stream")
+            self.event_stream = _content_type(message).startswith(b"text/event-stream")
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self._send(message)

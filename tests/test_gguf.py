@@ -61,7 +61,7 @@ def test_the_gguf_model_becomes_a_base_artifact_with_the_files_logits(tmp_path: 
     # Parity checked here too, independently of the stage's own check: the folder loaded as any model folder is,
     # against transformers' load of the GGUF file, on a prompt written with the data artifact's template.
     saved = AutoModelForCausalLM.from_pretrained(str(folder))
-    original, _ = source.load("float32")
+    original = source.load("float32")
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What number comes after 41?"}], add_generation_prompt=True, return_dict=True
     )["input_ids"]

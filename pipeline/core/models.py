@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core import artifacts
 from pipeline.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -85,30 +84,32 @@ class GGUFFile:
         distribution = importlib.metadata.packages_distributions().get(package, [package])[0]
         return cls(path, distribution, importlib.metadata.version(distribution))
 
-    def record(self) -> dict[str, Any]:
-        """What the base artifact's manifest says of the file: its hash, quantisation and origin."""
+    def record(self, sha256: str) -> dict[str, Any]:
+        """What the base artifact's manifest says of the file: its hash (as its input record has it), quantisation
+        and origin."""
         from gguf import GGUFReader, LlamaFileType
 
         field = GGUFReader(self.path).fields.get("general.file_type")
         file_type = int(field.parts[field.data[0]][0]) if field is not None else None
         return {
             "file": self.path.name,
-            "sha256": artifacts.sha256_file(self.path),
+            "sha256": sha256,
             "quantization": LlamaFileType(file_type).name if file_type is not None else "unknown",
             "package": self.package,
             "package_version": self.package_version,
         }
 
-    def load(self, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The model dequantised into ordinary `dtype` weights (no quantizer left, so it saves as safetensors), and
-        the file's own tokenizer."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    def load(self, dtype: str) -> PreTrainedModel:
+        """The model dequantised into ordinary `dtype` weights: no quantizer is left, so it saves as safetensors.
+        (The data stage reads the file's tokenizer, through `chat.load_tokenizer(..., gguf_file=...)`.)"""
+        from transformers import AutoModelForCausalLM, GgufConfig
 
-        folder, name = str(self.path.parent), self.path.name
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch_dtype(dtype), quantization_config=GgufConfig(dequantize=True)
+        return AutoModelForCausalLM.from_pretrained(
+            str(self.path.parent),
+            gguf_file=self.path.name,
+            dtype=torch_dtype(dtype),
+            quantization_config=GgufConfig(dequantize=True),
         )
-        return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def parameter_count(model: PreTrainedModel) -> int:
