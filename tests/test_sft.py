@@ -159,12 +159,18 @@ def wait_paused(process: subprocess.Popen, timeout: float = 600) -> int:
     """The pid of the process (or of one of its children, under a launcher) once it has stopped itself."""
     import psutil
 
+    def stopped(member: psutil.Process) -> bool:
+        try:
+            return member.status() == psutil.STATUS_STOPPED
+        except psutil.NoSuchProcess:  # a short-lived helper (a launcher's probe, git) that ended meanwhile
+            return False
+
     deadline = time.time() + timeout
     while True:
         family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-        stopped = [p.pid for p in family if p.status() == psutil.STATUS_STOPPED]
-        if stopped:
-            return stopped[0]
+        paused = [member.pid for member in family if stopped(member)]
+        if paused:
+            return paused[0]
         assert process.poll() is None and time.time() < deadline, "the stage ended or never reached its checkpoint"
         time.sleep(0.05)
 
