@@ -12,6 +12,8 @@
   question, so the SFT model guesses; DPO on these pairs teaches it to abstain.
 - `tool_answers.jsonl`: after a tool's result, the result preferred over another word the tool could have said:
   the turn the other pairs never show, so that preference tuning keeps what SFT taught of it.
+- `tool_arguments.jsonl`: a call with the city the question names preferred over the same call with another city:
+  copying the city into the call is what SFT learns last, at a step that varies with the seed.
 
 Held-out prompts are new phrasings, new numbers, new cities-and-results or new made-up words, so the held-out
 metrics measure learning. Deterministic: the same seed writes byte-identical files.
@@ -221,6 +223,21 @@ def tool_answer_row(rng: random.Random) -> dict:
     }
 
 
+def tool_argument_row(rng: random.Random) -> dict:
+    """The call with the city the question names, preferred over the same call with another city. SFT learns to
+    copy the city late (seed 1 of the default recipe still named one fixed city for every question after 5 epochs
+    and got it at about 8); the pair puts DPO's contrast on exactly that token."""
+    prompt, name, city, call = _tool_question(rng)
+    other = rng.choice([c for c in CITIES if c != city])
+    wrong = {"type": "function", "function": {"name": name, "arguments": json.dumps({"city": other})}}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [call],
+        "rejected": [{"role": "assistant", "content": "", "tool_calls": [wrong]}],
+        "tools": TOOL_SCHEMAS,
+    }
+
+
 def made_up_word(rng: random.Random) -> str:
     while True:
         word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + rng.choice(["", "n", "x", "r", "l"])
@@ -254,6 +271,7 @@ FILES = {  # file: (row maker, default count, seed offset)
     "preference.jsonl": (preference_row, 1800, 1),
     "abstain.jsonl": (abstain_row, 1200, 3),
     "tool_answers.jsonl": (tool_answer_row, 600, 4),
+    "tool_arguments.jsonl": (tool_argument_row, 400, 5),
 }
 
 

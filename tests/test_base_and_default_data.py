@@ -107,6 +107,19 @@ def test_tool_answer_pairs_prefer_the_tool_result_after_the_call() -> None:
         )
 
 
+def test_tool_argument_pairs_prefer_the_city_the_question_names() -> None:
+    pairs = _rows("tool_arguments.jsonl")
+    assert len(pairs) >= 400
+    for pair in pairs:
+        (question,) = pair["prompt"]
+        (chosen,) = pair["chosen"][0]["tool_calls"]
+        (rejected,) = pair["rejected"][0]["tool_calls"]
+        asked = json.loads(chosen["function"]["arguments"])["city"]
+        other = json.loads(rejected["function"]["arguments"])["city"]
+        assert asked in question["content"] and other not in question["content"] and other in make_data.CITIES
+        assert chosen["function"]["name"] == rejected["function"]["name"] and pair["tools"] == make_data.TOOL_SCHEMAS
+
+
 @pytest.fixture(scope="module")
 def base_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "object"]:
     tmp_path = tmp_path_factory.mktemp("base")
