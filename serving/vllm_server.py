@@ -14,7 +14,8 @@ section says where and how: `serve.host`, `serve.port`, and the limits the proje
 The served name, model folder, chat template, maximum length and dtype come from `serving.json`; the stop
 tokens from the model's `generation_config.json` (vLLM reads it), so the server stops where training taught
 the model to. The API key comes from the environment variable named by `serve.api_key_env` (or --api-key,
-which shows it in the process list); it reaches vLLM as VLLM_API_KEY, never on vLLM's command line.
+which shows it in the process list; several keys separated by commas, one per client); it reaches the middleware
+in its environment, never on vLLM's command line.
 Needs vLLM: the `serve-cpu` extra on CPU hosts, `serve-gpu` on CUDA hosts.
 """
 
@@ -39,6 +40,7 @@ WHOLE_CALL_HERMES = (  # the parser serving/tool_parser.py registers (the name l
     "pipeline_hermes"
 )
 CHILD_EXIT_SECONDS = 30
+FORWARDED_ALLOW_VARIABLE = "FORWARDED_ALLOW_IPS"  # uvicorn's: the peers whose forwarding headers it believes
 
 
 def vllm_arguments(
@@ -50,13 +52,20 @@ def vllm_arguments(
     extra: Sequence[str],
     on_gpu: bool,
     max_tokens: int | None = None,
+    max_running: int | None = None,
 ) -> list[str]:
     """vLLM server arguments for an export: the merged model, or its base plus the LoRA adapter, behind the
-    project's middleware; `max_tokens` caps the answers of requests that do not set their own."""
+    project's middleware; `max_tokens` caps the answers of requests that do not set their own, `max_running` the
+    sequences vLLM batches (the middleware admits no more)."""
     if any(argument.split("=")[0] == "--api-key" for argument in extra):
         raise ConfigError(
             "pass the API key in the environment variable named by serve.api_key_env (or --api-key before `--`), "
             "not to vLLM after `--`: vLLM would check it on /v1 routes only, and the middleware on none."
+        )
+    if any(argument.split("=")[0] == "--max-num-seqs" for argument in extra):
+        raise ConfigError(
+            "set serve.max_running_sequences instead of passing --max-num-seqs to vLLM after `--`: the middleware "
+            "admits that many sequences at once, and vLLM must batch the same number."
         )
     model = artifact / serving["model"]
     arguments = [
@@ -97,6 +106,8 @@ def vllm_arguments(
             arguments += ["--tool-parser-plugin", TOOL_PARSER_PLUGIN]
             parser = WHOLE_CALL_HERMES
         arguments += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
+    if max_running is not None:
+        arguments += ["--max-num-seqs", str(max_running)]
     if max_tokens is not None:
         # vLLM's server-wide cap: a request without max_tokens stops there too (one with more gets the middleware's
         # 400).
@@ -110,15 +121,18 @@ def model_metadata(serving: dict) -> dict[str, str]:
     return {key: serving[key] for key in ("gates", "exported_from") if serving.get(key)}
 
 
-def middleware_settings(serve: ServeConfig, serving: dict, api_key: str | None) -> middleware.Settings:
+def middleware_settings(serve: ServeConfig, serving: dict, api_keys: str | None) -> middleware.Settings:
     """What the middleware holds each request to: the recipe's serve section, the export's model length as the
-    token limit where the recipe sets none."""
+    token limit where the recipe sets none; `api_keys` as the variable holds them (one, or several with commas)."""
     return middleware.Settings(
-        api_key=api_key,
+        api_keys=tuple(key.strip() for key in (api_keys or "").split(",") if key.strip()),
         shutdown_grace=serve.shutdown_grace,
         max_n=serve.max_n,
         max_tokens=serve.max_tokens or serving["max_model_len"],
         model_metadata=model_metadata(serving),
+        max_running=serve.max_running_sequences,
+        max_waiting=serve.max_waiting_requests,
+        **{name: getattr(serve, name) for name in middleware.CONNECTION_LIMITS},
     )
 
 
@@ -174,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.
     os.environ["VLLM_MAX_N_SEQUENCES"] = str(serve.max_n)
+    # uvicorn believes X-Forwarded-For from the peers listed here, and by default from loopback: any local client,
+    # or anything a local reverse proxy passes on, could name itself in the access log.
+    os.environ[FORWARDED_ALLOW_VARIABLE] = ",".join(serve.trusted_proxies)
     on_gpu = engines.on_gpu()
     # The same host settings as the evaluation engine (a small CPU host: the engine in this process, no core kept back).
     engines.apply_vllm_environment(on_gpu)
@@ -187,15 +204,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         [*serve.extra_args, *extra],
         on_gpu,
         limits.max_tokens,
+        limits.max_running,
     )
     print(
         f"serving {serving['served_model_name']} from {artifact} on http://{serve.host}:{serve.port}/v1",
         flush=True,
     )
-    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+    run_vllm_server(arguments)
 
-    sys.argv = ["vllm-server", *arguments]
-    vllm_main()
+
+def run_vllm_server(arguments: list[str]) -> None:
+    """vLLM's OpenAI-compatible server, as `vllm serve` runs it, with uvicorn speaking HTTP through the project's
+    protocol (serving/http_protocol.py: time and size limits on each connection). vLLM's own entry point passes
+    uvicorn no protocol, so this is that entry point with one argument more."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serving.http_protocol import GuardedHttpProtocol
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm-server")).parse_args(arguments)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args, http=GuardedHttpProtocol))
 
 
 def exit_quietly(code: int) -> None:

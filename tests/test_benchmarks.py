@@ -15,7 +15,7 @@ from pipeline.core.config import load_recipe
 from conftest import REPO
 from test_dpo import dpo_recipe
 
-pytestmark = pytest.mark.slow  # about 5 minutes together: a vLLM server, four launches, ONNX builds
+pytestmark = pytest.mark.slow  # about 6 minutes together: two vLLM servers, four launches, ONNX builds
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def run_benchmark(name: str, *args: str) -> str:
         ("scaling.py", "scaling: 2 processes reach"),
         ("sft_throughput.py", "ratio pipeline / bare TRL"),
         ("seed_spread.py", "runs passed every gate"),
+        ("admission.py", "admission: probe p95 beside the flood / alone"),
     ],
 )
 def test_a_benchmark_on_the_small_recipe_runs_to_its_report(

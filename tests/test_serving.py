@@ -333,6 +333,101 @@ def test_a_request_the_engine_refuses_gets_the_same_400_streamed_or_not(
     assert "Traceback" not in server["log"].read_text(errors="replace")[log_start:]
 
 
+def nested_tool(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+
+HOSTILE_BODIES = {  # found by probing a served model (issue 28); each got a 5xx, a traceback or past a check
+    "tool-schema-100-levels": ({"tools": [nested_tool(100)]}, "nested more than"),
+    "response-format-ref-to-itself": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "loop", "schema": {"$ref": "#"}}}},
+        "",
+    ),
+    "max-tokens-as-a-string": ({"max_tokens": "100000"}, "max_tokens=100000 is more than this server allows"),
+    "max-tokens-as-a-float": ({"max_tokens": 100000.0}, "max_tokens=100000 is more than this server allows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_BODIES))
+def test_hostile_bodies_get_a_400_and_no_traceback(server, case: str) -> None:
+    fields, says = HOSTILE_BODIES[case]
+    body = {"model": server["name"], "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 4}
+    log_start = server["log"].stat().st_size
+    for stream in (False, True):
+        response = httpx.post(
+            server["url"] + "/v1/chat/completions",
+            json={**body, **fields, "stream": stream},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=120,
+        )
+        assert says in assert_openai_error(response, 400)["message"]
+    assert "Traceback" not in server["log"].read_text(errors="replace")[log_start:]
+
+
+def test_a_byte_order_mark_does_not_skip_the_checks(server) -> None:
+    """A body behind a UTF-8 BOM once skipped the middleware's checks (vLLM's parser skips the mark)."""
+    body = {
+        "model": server["name"],
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+    }
+    response = httpx.post(
+        server["url"] + "/v1/chat/completions",
+        content="\ufeff".encode() + json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
+    assert "not a valid JSON Schema" in assert_openai_error(response, 400)["message"]
+    del body["tools"]
+    response = httpx.post(
+        server["url"] + "/v1/chat/completions",
+        content="\ufeff".encode() + json.dumps({**body, "max_tokens": "2"}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_a_trailing_slash_redirect_stays_on_this_server(server) -> None:
+    response = httpx.get(
+        server["url"] + "/v1/models/",
+        headers={"Authorization": f"Bearer {API_KEY}", "Host": "attacker.example"},
+        follow_redirects=False,
+    )
+    if response.is_redirect:
+        assert response.headers["location"].startswith("/")
+    else:
+        assert response.status_code in (200, 404)
+
+
+def test_an_oversized_head_is_refused_before_its_key_is_read(server) -> None:
+    """The server speaks HTTP through the project's protocol (serving/http_protocol.py): a 16 MB head without a key
+    was read to its end before its 401."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        try:
+            connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (4 * 1024 * 1024))
+        except OSError:  # closed under the sender: the answer was sent first
+            pass
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 431")
+
+
+def test_the_access_log_shows_the_socket_address_not_a_forwarded_one(server) -> None:
+    log_start = server["log"].stat().st_size
+    response = httpx.get(
+        server["url"] + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}", "X-Forwarded-For": "203.0.113.9"}
+    )
+    assert response.status_code == 200
+    time.sleep(0.5)  # the access log line is written after the response
+    logged = server["log"].read_text(errors="replace")[log_start:]
+    assert "GET /v1/models" in logged and "203.0.113.9" not in logged
+
+
 def test_a_small_request_is_answered_beside_the_biggest_allowed_one(server) -> None:
     """Before the limits, one request of n=4000 x 100 tokens held the server for 72 s and a 4-token request beside
     it waited 68 s. The biggest request now allowed is a batch the engine runs next to others."""
@@ -558,6 +653,8 @@ FORCED_TEXTS = {
     "no-end-marker": '<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}',
     "text-after-call": 'Sure.<tool_call>{"name": "get_daytime", "arguments": {"city": "Lima"}}</tool_call> and more',
     "end-marker-alone": "sunny</tool_call></",
+    # What a served model wrote for a two-city question; streamed, it came back as a call to a tool named "arguments".
+    "name-without-value": '<tool_call>{"name": "arguments": "<tool_4',
 }
 
 

@@ -109,9 +109,31 @@ def test_the_server_takes_the_stages_command_line(tmp_path: Path) -> None:
     settings = vllm_server.middleware_settings(load_recipe(path).serve, SERVING, None)
     assert (settings.max_n, settings.shutdown_grace) == (middleware.DEFAULT_MAX_N, middleware.DEFAULT_SHUTDOWN_GRACE)
     assert settings.max_tokens == SERVING["max_model_len"]  # no serve.max_tokens: the model length
-    overridden = load_recipe(path, ["serve.max_n=3", "serve.max_tokens=16", "serve.shutdown_grace=2.5"]).serve
+    assert (settings.max_running, settings.max_waiting) == (
+        middleware.DEFAULT_MAX_RUNNING,
+        middleware.DEFAULT_MAX_WAITING,
+    )
+    overridden = load_recipe(
+        path,
+        [
+            "serve.max_n=3",
+            "serve.max_tokens=16",
+            "serve.shutdown_grace=2.5",
+            "serve.max_running_sequences=12",
+            "serve.max_waiting_requests=5",
+        ],
+    ).serve
     settings = vllm_server.middleware_settings(overridden, SERVING, "k")
-    assert (settings.max_n, settings.max_tokens, settings.shutdown_grace, settings.api_key) == (3, 16, 2.5, "k")
+    assert (settings.max_n, settings.max_tokens, settings.shutdown_grace, settings.api_keys) == (3, 16, 2.5, ("k",))
+    assert (settings.max_running, settings.max_waiting) == (12, 5)
+    # Several clients, one key each; vLLM batches as many sequences as the middleware admits.
+    assert vllm_server.middleware_settings(overridden, SERVING, "a, b,,c").api_keys == ("a", "b", "c")
+    arguments = vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, False, [], on_gpu=False, max_running=12)
+    assert arguments[arguments.index("--max-num-seqs") + 1] == "12"
+    with pytest.raises(ConfigError, match="serve.max_running_sequences"):
+        vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, False, ["--max-num-seqs", "4"], on_gpu=False)
+    with pytest.raises(ConfigError, match="max_running_sequences \\(4\\) is below serve.max_n \\(8\\)"):
+        load_recipe(path, ["serve.max_running_sequences=4"])
 
 
 def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path: Path) -> None:

@@ -95,8 +95,8 @@ async def slow_answer(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
 
 
 def guard(monkeypatch: pytest.MonkeyPatch, app, **settings) -> middleware.ServingGuard:  # noqa: ANN001
-    chosen = middleware.Settings(**{"api_key": KEY, **settings})
-    for name in (middleware.API_KEY_VARIABLE, middleware.MAX_TOKENS_VARIABLE, middleware.MODEL_METADATA_VARIABLE):
+    chosen = middleware.Settings(**{"api_keys": (KEY,), **settings})
+    for name in (middleware.API_KEYS_VARIABLE, middleware.MAX_TOKENS_VARIABLE, middleware.MODEL_METADATA_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     for name, value in chosen.environment().items():
         monkeypatch.setenv(name, value)
@@ -139,7 +139,7 @@ def test_every_path_but_health_needs_the_key(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
-    app = guard(monkeypatch, echo, api_key=None)
+    app = guard(monkeypatch, echo, api_keys=())
     assert status(asyncio.run(call(app, "/v1/models", "GET"))) == 200
 
 
@@ -154,6 +154,12 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         ({"max_tokens": 65}, "max_tokens", "max_tokens=65 is more than this server allows (64)"),
         ({"max_completion_tokens": 65}, "max_completion_tokens", "allows (64)"),
         ({"max_output_tokens": 1000}, "max_output_tokens", "allows (64)"),
+        # vLLM reads counts in pydantic's lax mode: each of these is the integer it looks like.
+        ({"max_tokens": "150"}, "max_tokens", "max_tokens=150 is more"),
+        ({"max_tokens": 150.0}, "max_tokens", "max_tokens=150 is more"),
+        ({"max_tokens": 1.5e9}, "max_tokens", "max_tokens=1500000000 is more"),
+        ({"max_completion_tokens": " 1_50 "}, "max_completion_tokens", "max_completion_tokens=150 is more"),
+        ({"n": "9"}, "n", "n=9; the server allows at most 8"),
     ],
     ids=[
         "n",
@@ -164,6 +170,11 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         "max-tokens",
         "max-completion-tokens",
         "max-output-tokens",
+        "max-tokens-a-string",
+        "max-tokens-a-float",
+        "max-tokens-an-exponent",
+        "max-completion-tokens-spaced",
+        "n-a-string",
     ],
 )
 def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payload: dict, param: str, says: str) -> None:
@@ -180,8 +191,8 @@ def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payloa
         {"n": 2, "prompt": ["a", "b", "c", "d"]},
         {"messages": [{"role": "user", "content": "hi"}] * 20},
         {"n": "many"},
-        {"max_tokens": 1.5e9},
-        {"n": True},
+        {"max_tokens": 1.5},
+        {"max_tokens": "1e3"},
     ],
     ids=[
         "at-the-limits",
@@ -189,8 +200,8 @@ def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payloa
         "eight-sequences",
         "one-long-conversation",
         "n-not-a-number",
-        "max-tokens-not-an-int",
-        "n-a-bool",
+        "max-tokens-not-a-whole-number",
+        "max-tokens-not-an-int-string",
     ],
 )
 def test_requests_within_the_limits_or_for_vllm_to_judge_pass_unchanged(
@@ -217,6 +228,101 @@ def test_bodies_vllm_cannot_read_get_a_400_and_other_bodies_reach_it(monkeypatch
     ):
         sent = asyncio.run(call(app, body=raw, headers={**headers, **AUTH}))
         assert status(sent) == 200 and body(sent) == raw
+
+
+def test_vllm_gets_the_counts_and_the_body_as_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts written as strings, floats or bools reach vLLM as the integers that were checked; a body behind a UTF-8
+    byte-order mark is checked (it once skipped every check) and reaches vLLM without it."""
+    app = guard(monkeypatch, echo, max_n=8, max_tokens=64)
+    raw = json.dumps({"n": True, "max_tokens": "32", "max_completion_tokens": 16.0, "prompt": "hi"}).encode()
+    sent = asyncio.run(call(app, body=raw, headers={**JSON, **AUTH}))
+    assert status(sent) == 200
+    assert json.loads(body(sent)) == {"n": 1, "max_tokens": 32, "max_completion_tokens": 16, "prompt": "hi"}
+    bad_tool = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}
+    marked = "\ufeff".encode() + json.dumps(bad_tool).encode()
+    sent = asyncio.run(call(app, body=marked, headers={**JSON, **AUTH}))
+    assert status(sent) == 400 and error(sent)["param"] == "tools.0.function.parameters"
+    sent = asyncio.run(call(app, body="\ufeff".encode() + b'{"max_tokens": 65}', headers={**JSON, **AUTH}))
+    assert status(sent) == 400 and error(sent)["param"] == "max_tokens"
+    seen: list[dict] = []
+
+    async def recording(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        seen.append(scope)
+        await echo(scope, receive, send)
+
+    app = guard(monkeypatch, recording, max_tokens=64)
+    headers = {**JSON, **AUTH, "content-length": str(len(b'{"max_tokens": 8}') + 3)}
+    sent = asyncio.run(call(app, body="\ufeff".encode() + b'{"max_tokens": 8}', headers=headers))
+    assert status(sent) == 200 and body(sent) == b'{"max_tokens": 8}'
+    assert dict(seen[0]["headers"])[b"content-length"] == str(len(body(sent))).encode()
+
+
+def nested_schema(levels: int) -> dict:
+    """A tool parameter schema `levels` objects deep: each level's properties hold the next."""
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_tool_schemas_deeper_than_vllm_reads_get_a_400_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 levels made jsonschema's check overflow the stack: a 500 and a 147 KB traceback from a 4 KB request."""
+    pytest.importorskip("jsonschema")
+    app = guard(monkeypatch, echo)
+    limit = middleware.MAX_SCHEMA_NESTING
+    for levels, expected in ((limit // 2 - 1, 200), (100, 400), (400, 400)):
+        tool = {"type": "function", "function": {"name": "f", "parameters": nested_schema(levels)}}
+        sent = asyncio.run(call(app, body=json.dumps({"tools": [tool]}).encode(), headers={**JSON, **AUTH}))
+        assert status(sent) == expected, levels
+        if expected == 400:
+            assert error(sent)["param"] == "tools.0.function.parameters"
+            assert f"nested more than {limit} levels" in error(sent)["message"]
+
+
+def test_nesting_depth_counts_levels() -> None:
+    assert [middleware.nesting_depth(v, 64) for v in (1, {}, [[]], {"a": [{"b": 1}]}, nested_schema(3))] == [
+        0,
+        1,
+        2,
+        3,
+        7,
+    ]
+    assert middleware.nesting_depth(nested_schema(1000), 64) == 65
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "accepted"),
+    [
+        ("header", "req-42.retry_1", True),
+        ("header", "a b", False),
+        ("header", "x" * 129, False),
+        ("body", "req-42", True),
+        ("body", "forged\nINFO: 200 OK", False),
+        ("body", 42, False),
+    ],
+)
+def test_client_request_ids_cannot_forge_log_lines(
+    monkeypatch: pytest.MonkeyPatch, where: str, value: object, accepted: bool
+) -> None:
+    app = guard(monkeypatch, echo)
+    headers = {**JSON, **AUTH, **({"x-request-id": value} if where == "header" else {})}
+    raw = json.dumps({"prompt": "hi", **({"request_id": value} if where == "body" else {})}).encode()
+    sent = asyncio.run(call(app, body=raw, headers=headers))
+    if accepted:
+        assert status(sent) == 200
+    else:
+        assert status(sent) == 400
+        assert error(sent)["param"] == ("X-Request-Id" if where == "header" else "request_id")
+
+
+def test_redirects_point_at_this_server_whatever_the_host_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def redirecting(scope, receive, send) -> None:  # noqa: ANN001 - ASGI, as Starlette's slash redirect
+        location = b"http://attacker.example:8080/v1/models?x=1"
+        await send({"type": "http.response.start", "status": 307, "headers": [(b"location", location)]})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent = asyncio.run(call(guard(monkeypatch, redirecting), "/v1/models/", "GET", headers=AUTH))
+    assert status(sent) == 307 and dict(sent[0]["headers"])[b"location"] == b"/v1/models?x=1"
 
 
 @pytest.mark.parametrize(
@@ -311,6 +417,9 @@ def test_a_second_signal_ends_the_requests_at_once(monkeypatch: pytest.MonkeyPat
     # At once: long before the 60 s grace, and before the stream's own end (1000 events, 50 s).
     assert seconds < 60 and len(body(sent).split(b"\n\n")) < 1000
     assert b'"code": 503' in body(sent) and body(sent).endswith(b"data: [DONE]\n\n")
+    # The error says how long the request really had, not the 60 s grace it was promised.
+    given = float(body(sent).split(b"it ran ")[1].split(b" s past")[0])
+    assert given <= seconds + 0.05
 
 
 def refused_stream(code: int):  # noqa: ANN201 - an ASGI app
@@ -417,3 +526,112 @@ def test_the_model_listing_says_what_the_export_says_of_the_model(monkeypatch: p
         == listing
     )
     assert body(asyncio.run(call(guard(monkeypatch, app), "/v1/models", "GET", headers=AUTH))) == listing
+
+
+def held_until(release: asyncio.Event, log: list[str]):  # noqa: ANN201 - an ASGI app
+    """Answers each request once `release` is set, logging its path when it starts and when it ends."""
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        log.append(f"start {scope['path']}")
+        await release.wait()
+        await echo(scope, receive, send)
+        log.append(f"end {scope['path']}")
+
+    return app
+
+
+def keyed(key: str) -> dict:
+    return {**JSON, "authorization": f"Bearer {key}"}
+
+
+def test_a_flood_from_one_key_leaves_room_for_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two keys, room for 16 sequences: key a's requests of n=8 hold at most half while a is alone; b's request runs
+    at once beside them, and a's others wait their turn instead of taking the room."""
+    release, log = asyncio.Event(), []
+    app = guard(monkeypatch, held_until(release, log), api_keys=("a", "b"), max_running=16, max_n=8, max_waiting=8)
+
+    async def scenario() -> list[list[dict]]:
+        flood = [asyncio.ensure_future(call(app, f"/a{i}", body=b'{"n": 8}', headers=keyed("a"))) for i in range(4)]
+        while len(log) < 1:
+            await asyncio.sleep(0)
+        small = asyncio.ensure_future(call(app, "/b", body=b'{"max_tokens": 4}', headers=keyed("b")))
+        while len(log) < 2:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert log == ["start /a0", "start /b"]  # a holds 8 of 16 while alone; b's 1 sequence fits beside it
+        assert app._admission.running == {"0": 8, "1": 1} and len(app._admission.waiting["0"]) == 3
+        release.set()
+        return await asyncio.gather(*flood, small)
+
+    answers = asyncio.run(scenario())
+    assert [status(sent) for sent in answers] == [200] * 5
+    assert app._admission.running == {} and app._admission.waiting == {}
+
+
+def test_requests_past_a_keys_waiting_bound_get_a_429_with_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    release, log = asyncio.Event(), []
+    held = held_until(release, log)
+    app = guard(
+        monkeypatch,
+        router({"/r0": held, "/r1": held, "/r2": held, "/late": held, "/v1/models": echo}),
+        max_running=8,
+        max_n=8,
+        max_waiting=2,
+    )
+
+    async def scenario() -> list[list[dict]]:
+        running = [
+            asyncio.ensure_future(call(app, f"/r{i}", body=b'{"n": 8}', headers={**JSON, **AUTH})) for i in range(3)
+        ]
+        while sum(len(queue) for queue in app._admission.waiting.values()) < 2:
+            await asyncio.sleep(0)
+        refused = await call(app, "/late", body=b'{"n": 1}', headers={**JSON, **AUTH})
+        listing = await call(app, "/v1/models", "GET", headers=AUTH)  # not engine work: it never waits
+        release.set()
+        return [refused, listing, *await asyncio.gather(*running)]
+
+    refused, listing, *answered = asyncio.run(scenario())
+    assert status(refused) == 429 and error(refused)["type"] == "RateLimitError"
+    assert dict(refused[0]["headers"])[b"retry-after"] == b"1"  # no request had finished yet
+    assert status(listing) == 200 and [status(sent) for sent in answered] == [200] * 3
+    # One request of 8 sequences at a time, in the order they came; the refused one never ran.
+    assert log == ["start /r0", "end /r0", "start /r1", "end /r1", "start /r2", "end /r2"]
+
+
+def test_a_drain_refuses_the_requests_still_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    release, log = asyncio.Event(), []
+    app = guard(monkeypatch, held_until(release, log), max_running=8, max_n=8, shutdown_grace=5)
+    server = SimpleNamespace(should_exit=False)
+
+    async def scenario() -> list[list[dict]]:
+        first = asyncio.ensure_future(call(app, "/first", body=b'{"n": 8}', headers={**JSON, **AUTH}))
+        waiting = asyncio.ensure_future(call(app, "/waiting", body=b'{"n": 8}', headers={**JSON, **AUTH}))
+        while not app._admission.waiting:
+            await asyncio.sleep(0)
+        app.drain(server)
+        refused = await waiting
+        release.set()
+        return [refused, await first]
+
+    refused, first = asyncio.run(scenario())
+    assert status(refused) == 503 and status(first) == 200 and "start /waiting" not in log
+
+
+def test_a_request_that_leaves_while_waiting_gives_up_its_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    release, log = asyncio.Event(), []
+    app = guard(monkeypatch, held_until(release, log), max_running=8, max_n=8)
+
+    async def scenario() -> list[dict]:
+        first = asyncio.ensure_future(call(app, "/first", body=b'{"n": 8}', headers={**JSON, **AUTH}))
+        leaving = asyncio.ensure_future(call(app, "/leaving", body=b'{"n": 8}', headers={**JSON, **AUTH}))
+        after = asyncio.ensure_future(call(app, "/after", body=b'{"n": 2}', headers={**JSON, **AUTH}))
+        while sum(len(q) for q in app._admission.waiting.values()) < 2:
+            await asyncio.sleep(0)
+        leaving.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, after)
+
+    first, after = asyncio.run(scenario())
+    assert status(first) == 200 and status(after) == 200 and "start /leaving" not in log
+    assert app._admission.running == {} and app._admission.waiting == {}

@@ -444,7 +444,8 @@ class ServeConfig(_Section):
     served_model_name: str | None = None
     """defaults to run.name"""
     api_key_env: str = "PIPELINE_API_KEY"
-    """environment variable holding the API key, if any"""
+    """environment variable holding the API key, if any; several keys separated by commas give each client its own,
+    and the server shares itself fairly between them (max_running_sequences)"""
     extra_args: list[str] = Field(default_factory=list)
     """passed through to vLLM's server"""
     shutdown_grace: float = Field(5.0, ge=0)
@@ -453,6 +454,34 @@ class ServeConfig(_Section):
     """most sequences one request may ask for (n times its prompts); more gets a 400"""
     max_tokens: int | None = Field(None, ge=1)
     """most new tokens one request may ask for; None: the model length"""
+    max_running_sequences: int = Field(128, ge=1)
+    """sequences (n times the prompts of each request) generated at once, also vLLM's --max-num-seqs (128 is its
+    default on CPU hosts); later requests wait their turn. With several API keys, one key holds at most half of them
+    while it is alone and an equal share once others wait, so that one client's flood waits behind itself"""
+    max_waiting_requests: int = Field(64, ge=0)
+    """requests one API key may have waiting for their turn; beyond, a 429 with Retry-After"""
+    header_timeout: float = Field(10.0, gt=0)
+    """seconds a connection has to send a request's head (after opening, or after the previous response); a slower
+    client gets 408 and is disconnected, before its API key is read"""
+    body_timeout: float = Field(30.0, gt=0)
+    """seconds a request has to send its body after its head; then 408, disconnected"""
+    max_header_bytes: int = Field(65536, ge=1024)
+    """longest request head (request line and headers); longer gets 431, disconnected, before its API key is read"""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """largest request body; larger gets 413"""
+
+    @model_validator(mode="after")
+    def _room_for_the_largest_request(self) -> ServeConfig:
+        if self.max_running_sequences < self.max_n:
+            raise SectionError(
+                f"{{at}}.max_running_sequences ({self.max_running_sequences}) is below {{at}}.max_n ({self.max_n}): a "
+                "request for max_n sequences would wait forever. Raise max_running_sequences or lower max_n."
+            )
+        return self
+
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """addresses or networks (10.0.0.0/8) of proxies whose X-Forwarded-For / -Proto headers name the client; from
+    any other peer those headers are ignored and the log shows the socket's address"""
 
 
 class Recipe(_Section):
