@@ -1,16 +1,16 @@
 """Admission under a flood: how long a small request waits beside one client's flood, against alone.
 
-    python benchmarks/admission.py [--config configs/tiny.yaml] [--flood 63] [--n 8] [--flood-tokens 188]
-                                   [--probes 20] [--probe-tokens 4] [--json PATH]
+    python benchmarks/admission.py [--config configs/tiny.yaml] [KEY=VALUE ...] [--flood 63] [--n 8]
+                                   [--flood-tokens 188] [--probes 20] [--probe-tokens 4] [--json PATH]
 
 Serves the recipe's export (run `python -m pipeline.run` first) with two API keys, `a` and `b`, the recipe's
 `serve.max_running_sequences` and `serve.max_waiting_requests`, and measures a probe: a request for --probe-tokens
 tokens, sent one after another --probes times, each timed from sent to answered.
 
   alone     the probes with nothing else running;
-  two keys  key a sends --flood requests at once (n=--n, --flood-tokens tokens each, ignore_eos), then key b sends
-            the probes while the flood runs: the fair share at work (issue 28 measured 35.9 s for this before
-            admission, 50-759 ms beside one such request);
+  two keys  key a sends --flood requests at once (n=--n, --flood-tokens tokens each, ignore_eos, sampled as n > 1
+            needs), then key b sends the probes while the flood runs: the fair share at work (issue 28 measured
+            35.9 s for this before admission, 50-759 ms beside one such request);
   one key   the same with the probes sent with key a: one client's own small requests wait behind its flood.
 
 Prints p50/p95/max of each scenario's probe latencies, their ratio to alone, and how many flood requests got a 429.
@@ -64,7 +64,10 @@ async def scenario(
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         flooding = [
-            asyncio.ensure_future(ask(session, "a", {"n": n, "max_tokens": flood_tokens, "ignore_eos": True}))
+            # Sampled (vLLM generates n > 1 sequences only when sampling), every one to its full length.
+            asyncio.ensure_future(
+                ask(session, "a", {"n": n, "max_tokens": flood_tokens, "ignore_eos": True, "temperature": 1.0})
+            )
             for _ in range(flood)
         ]
         if flood:
@@ -77,6 +80,8 @@ async def scenario(
             latencies.append(seconds)
         flood_running = sum(not f.done() for f in flooding)
         statuses = [status for status, _ in await asyncio.gather(*flooding)]
+    if set(statuses) - {200, 429}:
+        raise RuntimeError(f"flood requests got statuses other than 200 and 429: {statuses}")
     return {
         "latencies": latencies,
         "p50": statistics.median(latencies),
@@ -90,6 +95,7 @@ async def scenario(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="the recipe's keys, as the stages take them (run.output_dir=...)")
     parser.add_argument("--flood", type=int, default=63, help="requests key a sends at once")
     parser.add_argument("--n", type=int, default=8, help="sequences each flood request asks for")
     parser.add_argument("--flood-tokens", type=int, default=188)
@@ -105,7 +111,7 @@ def main() -> None:
     from pipeline.core import artifacts, stages
     from pipeline.core.config import load_recipe
 
-    recipe = load_recipe(args.config)
+    recipe = load_recipe(args.config, args.overrides)
     artifact = stages.require(stages.EXPORT, recipe, "benchmark")
     name = artifacts.read_serving_file(artifact)["served_model_name"]
     serve = recipe.serve
@@ -120,7 +126,12 @@ def main() -> None:
         log = Path(scratch) / "server.log"
         port = server_process.free_port()
         server = server_process.start_vllm_server(
-            artifact, port, log, ["--config", args.config], env={serve.api_key_env: ",".join(KEYS)}
+            # The overrides beside the server's own serve.port: argparse reads positional arguments as one run.
+            artifact,
+            port,
+            log,
+            [*args.overrides, "--config", args.config],
+            env={serve.api_key_env: ",".join(KEYS)},
         )
         try:
             server_process.wait_healthy(port, server, log, timeout=300)

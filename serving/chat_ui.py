@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pipeline.core.cli import DEFAULT_CONFIG, run_cli
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
+from serving import middleware
 
 
 def stream_reply(client, model: str, history: list[dict], message: str, max_tokens: int | None) -> Iterator[str]:  # noqa: ANN001
@@ -69,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError(f"the chat UI needs {', '.join(missing)}: install the `ui` extra (`pip install -e '.[ui]'`).")
     base_url = args.base_url or f"http://{recipe.serve.host}:{recipe.serve.port}/v1"
     model = args.model or recipe.serve.served_model_name or recipe.run.name
-    app = build_app(base_url, model, os.environ.get(recipe.serve.api_key_env), args.max_tokens)
+    keys = middleware.parse_api_keys(os.environ.get(recipe.serve.api_key_env))
+    app = build_app(base_url, model, keys[0] if keys else None, args.max_tokens)
     app.launch(server_name=args.ui_host, server_port=args.ui_port)
 
 

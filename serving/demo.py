@@ -22,7 +22,7 @@ from pipeline.core import artifacts, chat, report, scoring, stages
 from pipeline.core.cli import DEFAULT_CONFIG, run_cli
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import PipelineError
-from serving import server_process
+from serving import middleware, server_process
 
 COLUMNS = ["exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "perplexity"]
 
@@ -54,11 +54,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from openai import OpenAI
 
         name = artifacts.read_serving_file(export_dir)["served_model_name"]
-        # The key the server requires, if the recipe's serve.api_key_env holds one (the server inherits this
+        # The first key the server requires, if the recipe's serve.api_key_env holds any (the server inherits this
         # environment).
-        client = OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get(recipe.serve.api_key_env) or "none"
-        )
+        keys = middleware.parse_api_keys(os.environ.get(recipe.serve.api_key_env))
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys[0] if keys else "none")
         reply = client.chat.completions.create(model=name, messages=question["prompt"], temperature=0)
         answer = reply.choices[0].message.content
     finally:

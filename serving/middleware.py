@@ -166,6 +166,11 @@ class Settings:
         )
 
 
+def parse_api_keys(value: str | None) -> tuple[str, ...]:
+    """The keys a serve.api_key_env variable holds: one, or several separated by commas (one per client)."""
+    return tuple(key.strip() for key in (value or "").split(",") if key.strip())
+
+
 def error_body(status: int, message: str, kind: str, param: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 

@@ -125,7 +125,7 @@ def middleware_settings(serve: ServeConfig, serving: dict, api_keys: str | None)
     """What the middleware holds each request to: the recipe's serve section, the export's model length as the
     token limit where the recipe sets none; `api_keys` as the variable holds them (one, or several with commas)."""
     return middleware.Settings(
-        api_keys=tuple(key.strip() for key in (api_keys or "").split(",") if key.strip()),
+        api_keys=middleware.parse_api_keys(api_keys),
         shutdown_grace=serve.shutdown_grace,
         max_n=serve.max_n,
         max_tokens=serve.max_tokens or serving["max_model_len"],
