@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from serving.middleware import Settings, logger
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+LINGER_SECONDS = 1.0  # how long a refused connection still takes (and drops) the client's bytes before closing
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -38,6 +39,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._reading_head = False
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -48,6 +50,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # answered and closing: what still comes is dropped unread
+            return
         super().data_received(data)
         if self._reading_head:
             self._head_bytes += len(data)
@@ -107,4 +111,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None:
             self.cycle.disconnected = True
             self.cycle.message_event.set()  # the app's next receive() gets http.disconnect
-        self.transport.close()
+        # A close with unread bytes from the client resets the connection, which can discard the answer before the
+        # client reads it: end the sending side, read and drop what still comes for a moment, then close.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
