@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import TypeAdapter, ValidationError
+
 from pipeline.core.schema import ServeConfig
 
 Scope = MutableMapping[str, Any]
@@ -107,6 +109,7 @@ REQUEST_ID_RULE = (
     "makes one."
 )
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+COUNT = TypeAdapter(int)  # pydantic's lax reading of an int field, as vLLM's request models read counts
 # Body fields that hold a batch: each entry is generated (or scored) as a request of its own.
 BATCH_FIELDS = ("prompt", "messages", "items")
 
@@ -237,15 +240,13 @@ def normalise_counts(payload: dict[str, Any]) -> bool:
     vLLM's request models read these fields in pydantic's lax mode, where "150", 150.0 and " 1_50 " are all 150: a
     check that saw only ints let `max_tokens: "150"` past a limit of 17. A value pydantic refuses is left for vLLM
     to refuse."""
-    from pydantic import TypeAdapter, ValidationError
-
     changed = False
     for name in ("n", *TOKEN_LIMIT_FIELDS):
         value = payload.get(name)
         if value is None or _is_count(value):
             continue
         try:
-            payload[name] = TypeAdapter(int).validate_python(value)
+            payload[name] = COUNT.validate_python(value)
         except ValidationError:
             continue
         changed = True
