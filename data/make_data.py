@@ -15,6 +15,13 @@
 - `tool_arguments.jsonl`: a call with the city the question names preferred over the same call with another city:
   copying the city into the call is what SFT learns last, at a step that varies with the seed.
 
+- `arithmetic.jsonl`: adding two numbers below 100, answered with the sum alone. For the pretrained model's recipe
+  (configs/smollm2-135m.yaml): SmolLM2-135M-Instruct gets 1 in 15 such sums right before training (and 0 of 15
+  with three digits), so SFT and then GRPO, rewarded by exact match, have something to teach.
+- `general.jsonl`: a retention set, never trained on (`held_out: true` in a recipe): general questions that
+  SmolLM2-135M-Instruct answers right before any training (its answer contains the reference: 52 of the 74 asked
+  when the set was written), so that a stage which makes the model forget shows up in the report.
+
 Held-out prompts are new phrasings, new numbers, new cities-and-results or new made-up words, so the held-out
 metrics measure learning. Deterministic: the same seed writes byte-identical files.
 Run `python data/make_data.py` to regenerate.
@@ -138,6 +145,65 @@ def task_echo(rng: random.Random) -> tuple[str, str, str]:
 
 TASKS = (task_category, task_opposite, task_parity, task_count, task_echo)
 
+ADDITION_PROMPTS = ("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} = ?", "What is the sum of {a} and {b}?")
+
+# Written for the retention set and kept where SmolLM2-135M-Instruct's greedy answer (shipped ChatML template, no
+# system prompt) contained the reference; the ones it got wrong were left out (the largest planet, Neptune).
+GENERAL_QUESTIONS = (
+    ("What is the capital of France?", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Italy?", "Rome"),
+    ("What is the capital of Germany?", "Berlin"),
+    ("What is the capital of Spain?", "Madrid"),
+    ("What is the capital of England?", "London"),
+    ("What is the capital of Russia?", "Moscow"),
+    ("What is the capital of China?", "Beijing"),
+    ("What is the capital of Egypt?", "Cairo"),
+    ("What is the capital of Canada?", "Ottawa"),
+    ("What is the capital of Greece?", "Athens"),
+    ("What is the capital of Norway?", "Oslo"),
+    ("What is the capital of Sweden?", "Stockholm"),
+    ("What is the capital of Poland?", "Warsaw"),
+    ("What is the capital of Kenya?", "Nairobi"),
+    ("What is the capital of Australia?", "Canberra"),
+    ("What is the capital of India?", "New Delhi"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("What gas do plants absorb from the air?", "Carbon dioxide"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("What is the chemical symbol for water?", "H2O"),
+    ("What is the chemical symbol for iron?", "Fe"),
+    ("What is the chemical symbol for sodium?", "Na"),
+    ("How many days are in a week?", "7"),
+    ("How many continents are there?", "7"),
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a hexagon have?", "6"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare"),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci"),
+    ("Who developed the theory of relativity?", "Albert Einstein"),
+    ("What is the freezing point of water in Celsius?", "0"),
+    ("What is the boiling point of water in Celsius?", "100"),
+    ("What is the largest ocean on Earth?", "Pacific Ocean"),
+    ("What is the longest river in Africa?", "Nile"),
+    ("What is the tallest mountain in the world?", "Mount Everest"),
+    ("What language is spoken in Brazil?", "Portuguese"),
+    ("What currency is used in Japan?", "Yen"),
+    ("What is the largest mammal?", "Blue whale"),
+    ("What organ pumps blood through the body?", "Heart"),
+    ("What is the primary language spoken in Mexico?", "Spanish"),
+    ("In which country are the pyramids of Giza?", "Egypt"),
+    ("In which country is the Eiffel Tower?", "France"),
+    ("Which country is home to the kangaroo?", "Australia"),
+    ("What is the smallest prime number?", "2"),
+    ("What is the largest desert in the world?", "Sahara"),
+    ("What is H2O commonly called?", "Water"),
+    ("Which planet is closest to the Sun?", "Mercury"),
+    ("Who was the first person to walk on the Moon?", "Neil Armstrong"),
+    ("What is the opposite of north?", "South"),
+    ("What color do you get by mixing blue and yellow?", "Green"),
+    ("What is the name of our galaxy?", "Milky Way"),
+    ("What is the largest bone in the human body?", "Femur"),
+)
+
 
 def _unique(make_row, rng: random.Random, count: int) -> list[dict]:
     """`count` distinct rows: the fact tasks have few distinct prompts, so repeats are redrawn, not shipped."""
@@ -238,6 +304,21 @@ def tool_argument_row(rng: random.Random) -> dict:
     }
 
 
+def arithmetic_row(rng: random.Random) -> dict:
+    """One sum. The phrasing follows from the numbers, so a pair of numbers is one row (`_unique` redraws repeats)
+    and a held-out sum is never trained on in another phrasing."""
+    a, b = rng.randint(1, 99), rng.randint(1, 99)
+    prompt = ADDITION_PROMPTS[(a * 100 + b) % len(ADDITION_PROMPTS)].format(a=a, b=b)
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(a + b)}]}
+
+
+def general_rows() -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        for question, answer in GENERAL_QUESTIONS
+    ]
+
+
 def made_up_word(rng: random.Random) -> str:
     while True:
         word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + rng.choice(["", "n", "x", "r", "l"])
@@ -272,7 +353,9 @@ FILES = {  # file: (row maker, default count, seed offset)
     "abstain.jsonl": (abstain_row, 1200, 3),
     "tool_answers.jsonl": (tool_answer_row, 600, 4),
     "tool_arguments.jsonl": (tool_argument_row, 400, 5),
+    "arithmetic.jsonl": (arithmetic_row, 2000, 6),
 }
+FIXED_FILES = {"general.jsonl": general_rows}  # written as they are, not drawn
 
 
 def main() -> None:
@@ -284,6 +367,10 @@ def main() -> None:
     for name, (make_row, count, offset) in FILES.items():
         write_jsonl(args.out / name, _unique(make_row, random.Random(args.seed + offset), count))
         print(f"wrote {count} rows to {args.out / name}")
+    for name, make_rows in FIXED_FILES.items():
+        rows = make_rows()
+        write_jsonl(args.out / name, rows)
+        print(f"wrote {len(rows)} rows to {args.out / name}")
 
 
 if __name__ == "__main__":

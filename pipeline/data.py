@@ -128,10 +128,12 @@ def _is_eval(prompt_key: str, seed: int, eval_fraction: float) -> bool:
 
 def _split(rows: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict]]:
     train, held_out = [], []
+    sources = recipe.data.sources
     for record in rows:
-        (held_out if _is_eval(_prompt_key(record), recipe.run.seed, recipe.data.eval_fraction) else train).append(
-            record
+        evaluated = sources[record["source"]].held_out or _is_eval(
+            _prompt_key(record), recipe.run.seed, recipe.data.eval_fraction
         )
+        (held_out if evaluated else train).append(record)
     return train, held_out
 
 

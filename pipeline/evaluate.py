@@ -176,6 +176,9 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
             cached = {"key": key, **_evaluate_model(folder, recipe, held, tokenizer, backend, settings, scratch)}
             print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
         else:
+            # The outputs are what the cache saves work on; scores are recomputed from them, so a change in how
+            # answers are scored reaches reused results too.
+            cached["scores"] = {**cached["scores"], **held.score(cached["outputs"], recipe.evaluate.metrics)}
             reused.append(name)
             print(
                 f"eval: {name} unchanged since its last evaluation; results reused:"

@@ -217,6 +217,19 @@ def test_source_weights_repeat_training_rows(tmp_path: Path) -> None:
     assert per_source[1] == round(0.5 * (40 - held_b))
 
 
+def test_a_held_out_source_is_evaluated_whole_and_never_trained_on(tmp_path: Path) -> None:
+    trained = write_jsonl(tmp_path / "a.jsonl", chat_rows(40))
+    retention = write_jsonl(tmp_path / "keep.jsonl", chat_rows(12, offset=1000))
+    out = run_stage(tmp_path, [{"path": str(trained)}, {"path": str(retention), "held_out": True}])
+    import datasets
+
+    splits = datasets.load_from_disk(str(out / "sft"))
+    assert 1 not in splits["train"]["source"]
+    assert splits["eval"]["source"].count(1) == 12
+    assert 0 in splits["train"]["source"]
+    assert stats_of(out)["sft"]["eval_rows"] == 12 + splits["eval"]["source"].count(0)
+
+
 def test_unchanged_inputs_skip_force_reruns_and_a_data_edit_reruns(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

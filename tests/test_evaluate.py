@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import evaluate
-from pipeline.core import artifacts
+from pipeline.core import artifacts, scoring
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError, PipelineError
 
@@ -41,12 +41,43 @@ def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
             "preference_accuracy",
             "mean_margin",
             "chosen_match",
+            "contains_answer",
         } <= set(scores)
         assert scores["perplexity"] > 1
         assert set(scores["by_source"]) == {s.label for s in recipe.data.sources}
+        assert all(
+            {"exact_match", "contains_answer"} <= set(v) for v in scores["by_source"].values() if "exact_match" in v
+        )
     manifest = json.loads((eval_dir / artifacts.MANIFEST).read_text())
     assert set(manifest["inputs"]) == {"data", "base", "sft"} and manifest["metrics"]["backend"] == "hf"
     assert metrics["engine"] == {"backend": "hf", "dtype": "float32", "enforce_eager": True}
+
+
+def test_a_contained_answer_is_whole_words_ignoring_case() -> None:
+    assert scoring.contains_answer("The capital of France is Paris.", "paris")
+    assert scoring.contains_answer('The answer is "carbon dioxide"', "Carbon dioxide")
+    assert not scoring.contains_answer("Parisian cafes", "Paris")
+    assert not scoring.contains_answer("12 + 7 = 19", "9")
+    assert not scoring.contains_answer("anything", "  ")
+
+
+def test_reused_results_are_scored_again_from_their_outputs(small_run: Path) -> None:
+    """The cache saves generation; a scoring change must still reach results it reuses."""
+    recipe = load_recipe(small_run, ["evaluate.backend=hf"])
+    eval_dir = recipe.run_dir / "eval"
+    before = json.loads((eval_dir / artifacts.METRICS_FILE).read_text())["models"]["sft"]
+    cached_file = eval_dir / artifacts.EVAL_CACHE_DIR / "sft.json"
+    cached = json.loads(cached_file.read_text())
+    del cached["scores"]["contains_answer"]
+    cached["scores"]["exact_match"] = -1.0
+    cached_file.write_text(json.dumps(cached))
+    result = run_module("pipeline.evaluate", "--config", str(small_run), "evaluate.backend=hf", "evaluate.gates={}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((eval_dir / artifacts.METRICS_FILE).read_text())
+    assert "sft" in metrics["reused"]
+    again = metrics["models"]["sft"]
+    assert again["exact_match"] == before["exact_match"] and again["contains_answer"] == before["contains_answer"]
+    assert again["perplexity"] == before["perplexity"]
 
 
 def test_a_failed_gate_exits_non_zero_with_a_table_and_keeps_the_report(small_run: Path) -> None:

@@ -99,18 +99,20 @@ def test_the_smollm2_recipe_runs_end_to_end_with_few_steps(tmp_path: Path) -> No
         "sft.save_steps=2",
         "dpo.max_steps=2",
         "dpo.save_steps=2",
+        "grpo.max_steps=2",
+        "grpo.save_steps=2",
         "evaluate.max_examples=8",
         "export.targets=[hf]",
     ]
     recipe = load_recipe("configs/smollm2-135m.yaml", overrides)
     rows = run.run(recipe, overrides)
-    assert [row["stage"] for row in rows] == ["data", "base", "sft", "dpo", "eval", "export"]
+    assert [row["stage"] for row in rows] == ["data", "base", "sft", "dpo", "grpo", "eval", "export"]
     assert all(row["status"] == "ran" for row in rows), rows
     assert artifacts.read_manifest(stages.BASE.folder(recipe))["gguf"]["quantization"] == "MOSTLY_Q4_1"
-    for stage in (stages.SFT, stages.DPO):
+    for stage in (stages.SFT, stages.DPO, stages.GRPO):
         metrics = artifacts.read_manifest(stage.folder(recipe))["metrics"]
         assert metrics["method"] == "lora" and metrics["optimizer_steps"] == 2
     scores = json.loads((stages.EVAL.folder(recipe) / artifacts.METRICS_FILE).read_text())["models"]
-    assert list(scores) == ["base", "sft", "dpo"] and all("exact_match" in s for s in scores.values())
+    assert list(scores) == ["base", "sft", "dpo", "grpo"] and all("exact_match" in s for s in scores.values())
     serving = artifacts.read_serving_file(stages.EXPORT.folder(recipe))
     assert serving["max_model_len"] == recipe.data.max_length and serving["dtype"] == "float32"

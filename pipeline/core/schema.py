@@ -61,6 +61,9 @@ class SourceConfig(_Section):
     """detected from the columns when "auto\""""
     weight: float = 1.0
     """training rows are repeated (or sub-sampled) by this factor after the split"""
+    held_out: bool = False
+    """every row is held out for evaluation and none is trained on: a retention set of what the model could do
+    before training and must keep (the report's "By source" table shows it per stage)"""
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:

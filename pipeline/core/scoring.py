@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,14 @@ def same_answer(output: str, reference: str) -> bool:
     """Exact match, the one definition every score, reward, report and the `exact_match` metric module use: the
     texts are equal but for surrounding whitespace."""
     return output.strip() == reference.strip()
+
+
+def contains_answer(output: str, reference: str) -> bool:
+    """The reference appears in the output as whole words, ignoring case: what a model that answers in a sentence
+    ("The capital of France is Paris.") knows, where exact match wants the bare answer. The retention set is scored
+    this way, since training changes how a model phrases an answer without changing what it knows."""
+    wanted = reference.strip().casefold()
+    return bool(wanted) and re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", output.casefold()) is not None
 
 
 def compute_metric(name: str, predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -280,16 +289,23 @@ class HeldOut:
             after_tool = [(o, r["reference"]) for o, r in zip(outputs["answers"], answers) if r["after_tool"]]
             if after_tool:
                 scores["tool_answer_match"] = sum(same_answer(o, ref) for o, ref in after_tool) / len(after_tool)
+            scores["contains_answer"] = sum(
+                contains_answer(o, r["reference"]) for o, r in zip(outputs["answers"], answers)
+            ) / len(answers)
         if calls:
             scores.update(tool_call_scores(outputs["tool_calls"], [r["reference"] for r in calls]))
         if chosen:
             scores["chosen_match"] = compute_metric("exact_match", outputs["chosen"], [r["reference"] for r in chosen])[
                 "exact_match"
             ]
-        for name, metric in (("answers", "exact_match"), ("chosen", "chosen_match")):
+        for name, metric, matches in (
+            ("answers", "exact_match", same_answer),
+            ("answers", "contains_answer", contains_answer),
+            ("chosen", "chosen_match", same_answer),
+        ):
             groups: dict[str, list[bool]] = {}
             for output, row in zip(outputs.get(name, []), self.sets[name]):
-                groups.setdefault(self.sources[row["source"]], []).append(same_answer(output, row["reference"]))
+                groups.setdefault(self.sources[row["source"]], []).append(matches(output, row["reference"]))
             for label, hits in groups.items():
                 by_source.setdefault(label, {})[metric] = sum(hits) / len(hits)
         if by_source:
