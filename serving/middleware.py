@@ -293,32 +293,121 @@ def nesting_depth(value: Any, limit: int) -> int:
     return depth
 
 
-def tools_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
-    """(message, parameter) if a tool's parameter schema nests deeper than vLLM allows a schema, or is not valid
-    JSON Schema (its shape is vLLM's to check)."""
+def _pointer_target(root: Any, ref: str) -> tuple[bool, Any]:
+    """(found, node) for a local JSON pointer reference ("#", "#/$defs/item")."""
+    node = root
+    for token in ref[2:].split("/") if ref != "#" else []:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return False, None
+    return True, node
+
+
+# Keywords whose subschemas apply to the same value as the schema that holds them: following one moves no further
+# into the value, so a loop of them (through $ref) describes a value only by itself.
+IN_PLACE = ("allOf", "anyOf", "oneOf", "if", "then", "else")
+
+
+def reference_problem(schema: dict[str, Any]) -> str | None:
+    """Why a schema cannot be turned into a grammar: a local $ref to nothing, or a loop of references that reaches
+    itself without going into a property or an item ({"$ref": "#"}: vLLM's structured output answered it with a
+    500). Recursion through properties or items (a tree) is fine. References by anchor or to other documents are
+    left to vLLM."""
+    nodes: dict[int, dict] = {}
+    pending: list[Any] = [schema]
+    while pending:  # every object in the schema, without recursion (its depth is already bounded)
+        node = pending.pop()
+        if isinstance(node, dict):
+            nodes[id(node)] = node
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    edges: dict[int, list[tuple[str, dict]]] = {}
+    for key, node in nodes.items():
+        targets = []
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            found, target = _pointer_target(schema, ref)
+            if not found:
+                return f"refers to {ref}, which the schema does not have"
+            if isinstance(target, dict):
+                targets.append((ref, target))
+        for keyword in IN_PLACE:
+            children = node.get(keyword)
+            for child in children if isinstance(children, list) else [children]:
+                if isinstance(child, dict):
+                    targets.append((keyword, child))
+        edges[key] = targets
+    state: dict[int, str] = {}
+    for start in nodes:
+        if start in state:
+            continue
+        path: list[tuple[int, str]] = [(start, "")]
+        stack = [iter(edges[start])]
+        state[start] = "open"
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()[0]] = "done"
+                stack.pop()
+                continue
+            via, target = step
+            key = id(target)
+            if state.get(key) == "open":
+                loop = [label for _, label in path[1:]] + [via]
+                refs = [label for label in loop if label.startswith("#")]
+                return f"refers to itself ({' -> '.join(refs or loop)}) without describing any part of the value"
+            if key not in state:
+                state[key] = "open"
+                path.append((key, via))
+                stack.append(iter(edges[key]))
+    return None
+
+
+def _schemas(payload: dict[str, Any]) -> list[tuple[dict, str]]:
+    """(schema, its parameter) for every JSON schema the request asks vLLM to generate by."""
+    found: list[tuple[Any, str]] = []
     tools = payload.get("tools")
-    if not isinstance(tools, list):
-        return None
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(function, dict):
+            found.append((function.get("parameters"), f"tools.{index}.function.parameters"))
+    response_format = payload.get("response_format")
+    json_schema = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    if isinstance(json_schema, dict):
+        found.append((json_schema.get("schema"), "response_format.json_schema.schema"))
+    structured = payload.get("structured_outputs")
+    if isinstance(structured, dict):
+        found.append((structured.get("json"), "structured_outputs.json"))
+    found.append((payload.get("guided_json"), "guided_json"))
+    return [(schema, param) for schema, param in found if isinstance(schema, dict)]
+
+
+def schemas_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, parameter) if a schema the request gives (tool parameters, response_format, vLLM's structured
+    outputs) nests deeper than this server reads, is not valid JSON Schema, or refers to itself or to nothing."""
     import jsonschema  # a dependency of vLLM, in whose server this runs
 
-    for index, tool in enumerate(tools):
-        function = tool.get("function", tool) if isinstance(tool, dict) else None
-        schema = function.get("parameters") if isinstance(function, dict) else None
-        if not isinstance(schema, dict):
-            continue
-        param = f"tools.{index}.function.parameters"
+    for schema, param in _schemas(payload):
         # Measured before the schema is walked: jsonschema's check recurses, and 100 levels overflowed the stack
         # (a 500 and a 147 KB traceback, from a 4 KB request).
         if nesting_depth(schema, MAX_SCHEMA_NESTING) > MAX_SCHEMA_NESTING:
             return (
-                f"tools[{index}] has parameters nested more than {MAX_SCHEMA_NESTING} levels deep, the most this "
-                "server reads in a schema; flatten the schema.",
+                f"{param} is nested more than {MAX_SCHEMA_NESTING} levels deep, the most this server reads in a "
+                "schema; flatten the schema.",
                 param,
             )
         try:
             jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
         except jsonschema.SchemaError as error:
-            return (f"tools[{index}] has parameters that are not a valid JSON Schema: {error.message}", param)
+            return f"{param} is not a valid JSON Schema: {error.message}", param
+        reason = reference_problem(schema)
+        if reason:
+            return f"{param} {reason}: no output can be generated by it; fix the $ref.", param
     return None
 
 
@@ -363,7 +452,7 @@ def check_body(body: bytes, settings: Settings) -> CheckedBody:
             body = json.dumps(payload).encode()
         except RecursionError:  # read within the limit, but the encoder's stack runs deeper
             return too_deep
-    problem = limit_problem(payload, settings) or tools_problem(payload) or request_id_problem(payload)
+    problem = limit_problem(payload, settings) or schemas_problem(payload) or request_id_problem(payload)
     return CheckedBody(body, problem, sequences(payload))
 
 

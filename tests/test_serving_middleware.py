@@ -353,7 +353,51 @@ def test_tool_parameters_must_be_json_schema(monkeypatch: pytest.MonkeyPatch, sc
             assert status(sent) == 200
         else:
             assert status(sent) == 400 and error(sent)["param"] == "tools.1.function.parameters"
-            assert error(sent)["message"].startswith("tools[1] has parameters that are not a valid JSON Schema")
+            assert error(sent)["message"].startswith("tools.1.function.parameters is not a valid JSON Schema")
+
+
+TREE = {  # recursion through a property: a tree of any depth, which a grammar generates
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"$ref": "#"}, "refers to itself (#)"),
+        ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "refers to itself"),
+        ({"$defs": {"a": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}, "itself"),
+        ({"allOf": [{"$ref": "#"}]}, "refers to itself"),
+        ({"$ref": "#/$defs/missing"}, "refers to #/$defs/missing, which the schema does not have"),
+        (TREE, None),
+        ({"$defs": {"n": {"type": "integer"}}, "properties": {"a": {"$ref": "#/$defs/n"}}}, None),
+        ({"$ref": "https://example.com/schema.json"}, None),
+    ],
+)
+def test_schemas_that_refer_to_themselves_or_to_nothing_are_refused(
+    monkeypatch: pytest.MonkeyPatch, schema: dict, says: str | None
+) -> None:
+    """{"$ref": "#"} in a response_format got a 500 from vLLM's structured output (issue 28)."""
+    pytest.importorskip("jsonschema")
+    assert (middleware.reference_problem(schema) is None) == (says is None)
+    app = guard(monkeypatch, echo)
+    bodies = {
+        "response_format.json_schema.schema": {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        },
+        "tools.0.function.parameters": {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+        },
+        "structured_outputs.json": {"structured_outputs": {"json": schema}},
+    }
+    for param, fields in bodies.items():
+        sent = asyncio.run(call(app, body=json.dumps({"prompt": "hi", **fields}).encode(), headers={**JSON, **AUTH}))
+        if says is None:
+            assert status(sent) == 200, param
+        else:
+            assert status(sent) == 400 and error(sent)["param"] == param
+            assert says in error(sent)["message"] and error(sent)["message"].startswith(param)
 
 
 def router(routes: dict):  # noqa: ANN201 - an ASGI app
