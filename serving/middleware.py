@@ -88,6 +88,7 @@ CONNECTION_LIMITS = {  # the limits a connection is held to (serve.* keys of the
     "body_timeout": "PIPELINE_SERVE_BODY_TIMEOUT",
     "max_header_bytes": "PIPELINE_SERVE_MAX_HEADER_BYTES",
     "max_body_bytes": "PIPELINE_SERVE_MAX_BODY_BYTES",
+    "max_connections": "PIPELINE_SERVE_MAX_CONNECTIONS",
 }
 API_KEYS_VARIABLE = "PIPELINE_SERVE_API_KEYS"
 MAX_RUNNING_VARIABLE = "PIPELINE_SERVE_MAX_RUNNING_SEQUENCES"
@@ -129,6 +130,7 @@ class Settings:
     body_timeout: float = ServeConfig.model_fields["body_timeout"].default
     max_header_bytes: int = ServeConfig.model_fields["max_header_bytes"].default
     max_body_bytes: int = ServeConfig.model_fields["max_body_bytes"].default
+    max_connections: int = ServeConfig.model_fields["max_connections"].default
 
     def environment(self) -> dict[str, str]:
         """The variables `from_environment` reads back in the server process."""

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from serving import middleware, server_process
+from serving import http_protocol, middleware, server_process
 
 from conftest import REPO
 
-HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES = 0.6, 0.6, 4096
+HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES, MAX_CONNECTIONS = 0.6, 0.6, 4096, 320
 SERVER = """
 import asyncio
 import uvicorn
@@ -45,10 +45,13 @@ uvicorn.run(app, host="127.0.0.1", port=int(__import__("sys").argv[1]), http=Gua
 
 
 @pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory):
+def server(tmp_path_factory: pytest.TempPathFactory):
     chosen = server_process.free_port()
     limits = middleware.Settings(
-        header_timeout=HEADER_TIMEOUT, body_timeout=BODY_TIMEOUT, max_header_bytes=MAX_HEADER_BYTES
+        header_timeout=HEADER_TIMEOUT,
+        body_timeout=BODY_TIMEOUT,
+        max_header_bytes=MAX_HEADER_BYTES,
+        max_connections=MAX_CONNECTIONS,
     )
     log = tmp_path_factory.mktemp("protocol") / "server.log"
     with open(log, "w") as handle:
@@ -68,10 +71,15 @@ def port(tmp_path_factory: pytest.TempPathFactory):
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
-        yield chosen
+        yield chosen, process
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def port(server: tuple) -> int:
+    return server[0]
 
 
 def answer_and_close(connection: socket.socket, limit: float = 10) -> tuple[bytes, float]:
@@ -147,3 +155,47 @@ def test_an_oversized_head_gets_431_before_it_is_read_to_its_end(port: int) -> N
         connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES * 2))
         received, seconds = answer_and_close(connection)
     assert received.startswith(b"HTTP/1.1 431") and seconds < HEADER_TIMEOUT
+
+
+def test_many_slow_heads_hold_bounded_memory_and_are_all_closed_at_the_deadline(server: tuple) -> None:
+    """Held connections cost the server what their heads hold, and the head deadline frees them all: 300 sockets,
+    each 100 bytes short of the head limit and silent after that."""
+    import psutil
+
+    port, process = server
+    resident = psutil.Process(process.pid).memory_info
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES - 128)
+    count = 300
+    before = resident().rss
+    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    try:
+        for connection in connections:
+            connection.sendall(head)
+        time.sleep(HEADER_TIMEOUT / 2)
+        held = resident().rss - before
+        answers = [answer_and_close(connection)[0] for connection in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    print(f"{count} slow heads of {len(head)} bytes: server memory +{held / 2**20:.1f} MiB while held")
+    assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers)
+    assert held < count * (len(head) + 16 * 1024)
+
+
+def test_a_connection_beyond_the_limit_gets_503_and_is_closed_unread(port: int) -> None:
+    time.sleep(http_protocol.LINGER_SECONDS + 0.5)  # connections refused by earlier tests are gone
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            received, seconds = answer_and_close(extra)
+        assert received.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in received.lower()
+        assert f"more than {MAX_CONNECTIONS} connections open".encode() in received
+        assert seconds < HEADER_TIMEOUT
+    finally:
+        for connection in held:
+            connection.close()
+    time.sleep(http_protocol.LINGER_SECONDS + 0.5)
+    with socket.create_connection(("127.0.0.1", port)) as connection:  # below the limit again: served
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")

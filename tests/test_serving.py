@@ -402,6 +402,39 @@ def test_a_trailing_slash_redirect_stays_on_this_server(server) -> None:
         assert response.status_code in (200, 404)
 
 
+def test_requests_sharing_a_client_request_id_stay_apart(server) -> None:
+    """X-Request-Id is the client's correlation id: it names the response and the log lines, and two requests may
+    share it. vLLM keeps its own id per request, so abandoning one (which aborts it in the engine) leaves the other
+    to finish, and each gets its own tokens."""
+    shared = {"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "retry-7"}
+    body = {"model": server["name"], "messages": [{"role": "user", "content": "Say falcon."}], "ignore_eos": True}
+    finished: dict = {}
+
+    def whole() -> None:
+        response = httpx.post(
+            server["url"] + "/v1/chat/completions", json={**body, "max_tokens": 24}, headers=shared, timeout=120
+        )
+        finished.update(response.json(), status=response.status_code)
+
+    abandoned = httpx.stream(
+        "POST",
+        server["url"] + "/v1/chat/completions",
+        json={**body, "max_tokens": 200, "stream": True},
+        headers=shared,
+        timeout=120,
+    )
+    with abandoned as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        thread = threading.Thread(target=whole)
+        thread.start()
+        time.sleep(0.5)  # the second request is in the engine when the first is abandoned
+    thread.join()
+    assert json.loads(first[len("data: ") :])["id"] == "chatcmpl-retry-7"
+    assert finished["status"] == 200 and finished["id"] == "chatcmpl-retry-7"
+    assert finished["choices"][0]["finish_reason"] == "length" and finished["usage"]["completion_tokens"] == 24
+
+
 def test_an_oversized_head_is_refused_before_its_key_is_read(server) -> None:
     """The server speaks HTTP through the project's protocol (serving/http_protocol.py): a 16 MB head without a key
     was read to its end before its 401."""

@@ -472,6 +472,10 @@ class ServeConfig(_Section):
     """longest request head (request line and headers); longer gets 431, disconnected, before its API key is read"""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """largest request body; larger gets 413"""
+    max_connections: int = Field(1024, ge=1)
+    """connections held open at once; one more gets 503 with Retry-After and is closed before it is read. With
+    max_header_bytes it bounds what slow clients hold: about 72 KiB a connection with full 64 KiB heads (measured),
+    so 72 MiB at the defaults"""
 
     @model_validator(mode="after")
     def _room_for_the_largest_request(self) -> ServeConfig:
