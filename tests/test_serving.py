@@ -396,10 +396,8 @@ def test_a_trailing_slash_redirect_stays_on_this_server(server) -> None:
         headers={"Authorization": f"Bearer {API_KEY}", "Host": "attacker.example"},
         follow_redirects=False,
     )
-    if response.is_redirect:
-        assert response.headers["location"].startswith("/")
-    else:
-        assert response.status_code in (200, 404)
+    # Starlette redirects a path that matches a route but for its trailing slash, building the URL from Host
+    assert response.status_code == 307 and response.headers["location"] == "/v1/models"
 
 
 def test_requests_sharing_a_client_request_id_stay_apart(server) -> None:
