@@ -258,19 +258,18 @@ def normalise_counts(payload: dict[str, Any]) -> bool:
 def limit_problem(payload: dict[str, Any], settings: Settings) -> tuple[str, str] | None:
     """(message, parameter) if the body asks for more than one request may; values of the wrong type are left to
     vLLM's own validation."""
-    n = payload.get("n")
-    n = 1 if n is None else n
-    if _is_count(n):
+    total = sequences(payload)
+    if total > settings.max_n:
         batch = _batch_size(payload)
-        if n * batch > settings.max_n:
-            asked = f"n={n}" if batch == 1 else f"{n * batch} sequences (n={n} for each of {batch} prompts)"
-            return (
-                (
-                    f"This request asks for {asked}; the server allows at most {settings.max_n} sequences per request. "
-                    "Lower n, or send the prompts as separate requests."
-                ),
-                "n",
-            )
+        n = total // batch
+        asked = f"n={n}" if batch == 1 else f"{total} sequences (n={n} for each of {batch} prompts)"
+        return (
+            (
+                f"This request asks for {asked}; the server allows at most {settings.max_n} sequences per request. "
+                "Lower n, or send the prompts as separate requests."
+            ),
+            "n",
+        )
     if settings.max_tokens is not None:
         for field in TOKEN_LIMIT_FIELDS:
             value = payload.get(field)
