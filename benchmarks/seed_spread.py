@@ -37,7 +37,20 @@ sys.path.insert(0, str(REPO))
 # The family names ATEN_CPU_CAPABILITY takes, and the oneDNN ISA cap that matches each.
 FAMILIES = {"avx512": "AVX512_CORE", "avx2": "AVX2", "default": "SSE41"}
 # Figures the spread reports beside every gate metric: how long the stages took, and where training ended.
-STAGE_FIGURES = {"sft": ("final_loss", "train_seconds"), "dpo": ("final_loss", "train_seconds", "rewards_accuracies")}
+STAGE_FIGURES = {
+    "sft": ("final_loss", "train_seconds"),
+    "dpo": ("final_loss", "train_seconds", "rewards_accuracies"),
+    "grpo": ("final_loss", "train_seconds"),
+}
+MODELS = ("base", "sft", "dpo", "grpo")  # in the order they train, each from the one before it that ran
+COMPARED = (
+    "exact_match",
+    "contains_answer",
+    "chosen_match",
+    "preference_accuracy",
+    "tool_arguments_accuracy",
+    "tool_answer_match",
+)
 
 
 def native_family() -> str:
@@ -122,19 +135,22 @@ def read_run(output: Path, family: str, seed: int) -> dict:
     )
     record["gates"] = summary["gates"]
     record["gates_passed"] = summary["gates_passed"]
-    for stage, keys in STAGE_FIGURES.items():
-        manifest = json.loads((run_dir / stage / artifacts.MANIFEST).read_text())
-        record["metrics"].update(
-            {f"{stage}:{key}": manifest["metrics"][key] for key in keys if manifest["metrics"].get(key) is not None}
-        )
-    for stage in ("data", "base", "sft", "dpo", "eval"):
+    ran = [stage for stage in ("data", *MODELS, "eval") if (run_dir / stage / artifacts.MANIFEST).is_file()]
+    for stage in ran:
         manifest = json.loads((run_dir / stage / artifacts.MANIFEST).read_text())
         record["metrics"][f"seconds:{stage}"] = manifest["wall_seconds"]
-    # Gate-style differences, so their spread is measured too.
+        record["metrics"].update(
+            {
+                f"{stage}:{key}": manifest["metrics"][key]
+                for key in STAGE_FIGURES.get(stage, ())
+                if manifest["metrics"].get(key) is not None
+            }
+        )
+    # Gate-style differences, so their spread is measured too: each model against the one it trained from.
     m = record["metrics"]
-    compared = ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "tool_answer_match")
-    for later, earlier in (("sft", "base"), ("dpo", "sft")):
-        for key in [k for k in m if k.startswith(f"{later}.") and k.split(".", 1)[1].split("@")[0] in compared]:
+    trained = [stage for stage in MODELS if stage in ran]
+    for earlier, later in zip(trained, trained[1:]):
+        for key in [k for k in m if k.startswith(f"{later}.") and k.split(".", 1)[1].split("@")[0] in COMPARED]:
             measure = key.split(".", 1)[1]
             if f"{earlier}.{measure}" in m:
                 m[f"{later}-{earlier}.{measure}"] = m[key] - m[f"{earlier}.{measure}"]
