@@ -143,3 +143,53 @@ def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path:
     arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False)
     assert arguments[arguments.index("--tool-parser-plugin") + 1] == "serving.tool_parser"
     assert arguments[arguments.index("--tool-call-parser") + 1] == vllm_server.WHOLE_CALL_HERMES
+
+
+def test_without_a_vector_isa_vllm_runs_its_helpers_uncompiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert not engines.compiler_vectorizes()
+    assert engines.vllm_environment(gpu=False)["TORCH_COMPILE_DISABLE"] == "1"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    assert engines.compiler_vectorizes() == bool(valid_vec_isa_list())
+    assert ("TORCH_COMPILE_DISABLE" in engines.vllm_environment(gpu=False)) != engines.compiler_vectorizes()
+
+
+# vLLM's rank of each prompt token (the prompt_logprobs path; values at least as large count), a helper it compiles
+# even in eager mode.
+RANKS = """
+import sys
+import torch
+from pipeline.core import engines
+if sys.argv[1] == "apply":
+    engines.apply_vllm_environment(gpu=False)
+from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+logprobs = torch.arange(4096, dtype=torch.float32).repeat(6, 1)  # rows the width of a vocabulary
+ranks = batched_count_greater_than(logprobs, logprobs[:, 4000:4001])
+print("ranks", ranks.flatten().tolist())
+"""
+
+
+def test_prompt_logprobs_helper_runs_where_the_compiler_has_no_vector_isa(tmp_path: Path) -> None:
+    """Forced with ATEN_CPU_CAPABILITY=default, as seen in the suite: a request with prompt_logprobs killed the
+    server's engine, whose compiled helper did not compile. With the engine environment it runs, uncompiled; without
+    it, the same call still fails (the cause, kept in view: a torch that fixes it makes this test say so)."""
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+
+    environment = {
+        **{k: v for k, v in __import__("os").environ.items() if k != "TORCH_COMPILE_DISABLE"},
+        "ATEN_CPU_CAPABILITY": "default",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "PYTHONPATH": str(REPO),
+    }
+    runs = {
+        how: subprocess.run(
+            [sys.executable, "-c", RANKS, how], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
+        )
+        for how in ("apply", "bare")
+    }
+    assert runs["apply"].returncode == 0 and "ranks [96, 96, 96, 96, 96, 96]" in runs["apply"].stdout, runs["apply"].stderr[-3000:]
+    assert runs["bare"].returncode != 0 and "at::vec" in runs["bare"].stderr, runs["bare"].stdout[-2000:]

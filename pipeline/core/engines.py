@@ -65,12 +65,30 @@ def vllm_environment(gpu: bool) -> dict[str, str]:
     environment = {"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB}
     if (os.cpu_count() or 1) <= SMALL_HOST_CPUS:
         environment.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if not compiler_vectorizes():
+        environment["TORCH_COMPILE_DISABLE"] = "1"
     return environment
 
 
+def compiler_vectorizes() -> bool:
+    """Whether torch's compiler has a vector instruction set on this CPU (none where the CPU lacks AVX2 / AVX-512 /
+    NEON, or where ATEN_CPU_CAPABILITY=default is forced). Without one, torch 2.13 writes kernels it cannot compile
+    ("'at::vec' has not been declared"): vLLM compiles a few helpers even when the model runs eagerly, and the first
+    request that reached one (prompt_logprobs: the ranks of the prompt's tokens) killed the engine and the server. There
+    vLLM runs its helpers uncompiled."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return bool(pick_vec_isa())
+
+
 def apply_vllm_environment(gpu: bool) -> None:
-    for key, value in vllm_environment(gpu).items():
+    environment = vllm_environment(gpu)
+    for key, value in environment.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True  # read from the environment when torch was imported, already done here
 
 
 def vllm_available() -> bool:
