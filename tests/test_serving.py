@@ -433,6 +433,36 @@ def test_requests_sharing_a_client_request_id_stay_apart(server) -> None:
     assert finished["choices"][0]["finish_reason"] == "length" and finished["usage"]["completion_tokens"] == 24
 
 
+def test_prompt_logprobs_are_served_where_the_compiler_has_no_vector_isa(
+    default_pipeline: dict, tmp_path: Path
+) -> None:
+    """Found with ATEN_CPU_CAPABILITY=default forced for the whole suite: a body with `prompt_logprobs` made vLLM
+    compile the helper that ranks the prompt's tokens, torch's compiler wrote vector code it could not build there,
+    and the engine died (a 500, then every request refused). The server now runs vLLM's helpers uncompiled on such a
+    CPU (engines.vllm_environment); forced here for this server alone, on any machine."""
+    artifact = default_pipeline["recipe"].run_dir / "export"
+    name = artifacts.read_serving_file(artifact)["served_model_name"]
+    port = server_process.free_port()
+    log = tmp_path / "server.log"
+    forced = {**KEY_ENV, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    process = server_process.start_vllm_server(artifact, port, log, (), env=forced)
+    try:
+        server_process.wait_healthy(port, process, log, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
+        for asked in (0, 2):
+            reply = client.chat.completions.create(
+                model=name,
+                messages=[{"role": "user", "content": "Is 3 even or odd?"}],
+                max_tokens=4,
+                extra_body={"prompt_logprobs": asked},
+            )
+            assert reply.model_extra["prompt_logprobs"][1:], asked  # one entry per prompt token after the first
+        assert client.models.list().data  # the engine lives on
+    finally:
+        server_process.stop(process)
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
 def test_an_oversized_head_is_refused_before_its_key_is_read(server) -> None:
     """The server speaks HTTP through the project's protocol (serving/http_protocol.py): a 16 MB head without a key
     was read to its end before its 401."""
