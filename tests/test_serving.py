@@ -417,11 +417,12 @@ def test_requests_sharing_a_client_request_id_stay_apart(server) -> None:
     abandoned = httpx.stream(
         "POST",
         server["url"] + "/v1/chat/completions",
-        json={**body, "max_tokens": 200, "stream": True},
+        json={**body, "max_tokens": server["max_model_len"] - PROMPT_ROOM, "stream": True},
         headers=shared,
         timeout=120,
     )
     with abandoned as response:
+        assert response.status_code == 200, response.read()[:500]
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         thread = threading.Thread(target=whole)
