@@ -82,8 +82,7 @@ def compiler_vectorizes() -> bool:
 
 
 def apply_vllm_environment(gpu: bool) -> None:
-    environment = vllm_environment(gpu)
-    for key, value in environment.items():
+    for key, value in vllm_environment(gpu).items():
         os.environ.setdefault(key, value)
     if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
         import torch._dynamo
