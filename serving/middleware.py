@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import graphlib
 import hashlib
 import hmac
 import json
@@ -327,45 +328,31 @@ def reference_problem(schema: dict[str, Any]) -> str | None:
             pending.extend(node.values())
         elif isinstance(node, list):
             pending.extend(node)
-    edges: dict[int, list[tuple[str, dict]]] = {}
+    edges: dict[int, set[int]] = {}
+    via: dict[tuple[int, int], str] = {}  # what leads from one node to the next, for the message
     for key, node in nodes.items():
-        targets = []
+        edges[key] = set()
         ref = node.get("$ref")
+        targets = []
         if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
             found, target = _pointer_target(schema, ref)
             if not found:
                 return f"refers to {ref}, which the schema does not have"
-            if isinstance(target, dict):
-                targets.append((ref, target))
+            targets.append((ref, target))
         for keyword in IN_PLACE:
             children = node.get(keyword)
-            for child in children if isinstance(children, list) else [children]:
-                if isinstance(child, dict):
-                    targets.append((keyword, child))
-        edges[key] = targets
-    state: dict[int, str] = {}
-    for start in nodes:
-        if start in state:
-            continue
-        path: list[tuple[int, str]] = [(start, "")]
-        stack = [iter(edges[start])]
-        state[start] = "open"
-        while stack:
-            step = next(stack[-1], None)
-            if step is None:
-                state[path.pop()[0]] = "done"
-                stack.pop()
-                continue
-            via, target = step
-            key = id(target)
-            if state.get(key) == "open":
-                loop = [label for _, label in path[1:]] + [via]
-                refs = [label for label in loop if label.startswith("#")]
-                return f"refers to itself ({' -> '.join(refs or loop)}) without describing any part of the value"
-            if key not in state:
-                state[key] = "open"
-                path.append((key, via))
-                stack.append(iter(edges[key]))
+            targets += [(keyword, child) for child in (children if isinstance(children, list) else [children])]
+        for label, target in targets:
+            if isinstance(target, dict):
+                edges[key].add(id(target))
+                via.setdefault((key, id(target)), label)
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as error:
+        cycle = error.args[1]
+        loop = [via[(a, b)] for b, a in zip(cycle, cycle[1:])][::-1]  # the sorter lists a cycle against its edges
+        refs = [label for label in loop if label.startswith("#")]
+        return f"refers to itself ({' -> '.join(refs or loop)}) without describing any part of the value"
     return None
 
 
