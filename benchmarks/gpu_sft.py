@@ -129,13 +129,12 @@ GOAL_MFU, GOAL_RATIO = 0.35, 0.97
 # ------------------------------------------------------------------------------------------ the steps
 
 
-def step_peak(spec: dict) -> dict:
-    """bf16 matmul FLOP/s: the best of several timed batches of a large square matmul."""
+def matmul_peak(n: int, dtype: str = "bfloat16") -> float:
+    """Matmul FLOP/s of this machine's torch in `dtype`: the best of several timed batches of an n x n matmul."""
     import torch
 
     cuda = torch.cuda.is_available()
-    n = spec["matmul"]
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda" if cuda else "cpu") for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device="cuda" if cuda else "cpu") for _ in range(2))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeats = 50 if cuda else 3
     best = float("inf")
@@ -146,10 +145,17 @@ def step_peak(spec: dict) -> dict:
             a @ b
         sync()
         best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * n**3 / best
+
+
+def step_peak(spec: dict) -> dict:
+    import torch
+
+    n = spec["matmul"]
     return {
         "matmul_n": n,
-        "bf16_peak_tflops": 2 * n**3 / best / 1e12,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "bf16_peak_tflops": matmul_peak(n) / 1e12,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
     }
 
@@ -427,7 +433,8 @@ def step_memory(spec: dict, workdir: Path) -> dict:
 def flops_per_token(fields: dict, method: str, row_lengths: list[int], trainable: int) -> float:
     """Training FLOPs per non-padding token: matmuls (6x their parameters for full fine-tuning; 4x with a frozen
     base, which computes no weight gradients, plus 6x the adapter's), and causal attention within each row (query
-    times key and weights times value, forward and twice that backward)."""
+    times key and weights times value, forward and twice that backward). `forward`: a forward pass alone (2x the
+    matmul parameters and a third of the attention), as a frozen reference model costs."""
     d, layers, ffn = fields["hidden_size"], fields["num_hidden_layers"], fields["intermediate_size"]
     head_dim = d // fields["num_attention_heads"]
     kv = fields["num_key_value_heads"] * head_dim
@@ -435,6 +442,8 @@ def flops_per_token(fields: dict, method: str, row_lengths: list[int], trainable
     # A token at position i of its row attends to i + 1 keys: the mean over every token of every row.
     context = sum(n * (n + 1) / 2 for n in row_lengths) / sum(row_lengths)
     attention = 3 * layers * 4 * d * context
+    if method == "forward":
+        return 2 * matmul + attention / 3
     if method == "full":
         return 6 * matmul + attention
     return 4 * matmul + 6 * trainable + attention

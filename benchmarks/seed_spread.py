@@ -42,7 +42,6 @@ STAGE_FIGURES = {
     "dpo": ("final_loss", "train_seconds", "rewards_accuracies"),
     "grpo": ("final_loss", "train_seconds"),
 }
-MODELS = ("base", "sft", "dpo", "grpo")  # in the order they train, each from the one before it that ran
 COMPARED = (
     "exact_match",
     "contains_answer",
@@ -135,7 +134,7 @@ def read_run(output: Path, family: str, seed: int) -> dict:
     )
     record["gates"] = summary["gates"]
     record["gates_passed"] = summary["gates_passed"]
-    ran = [stage for stage in ("data", *MODELS, "eval") if (run_dir / stage / artifacts.MANIFEST).is_file()]
+    ran = [s for s in ("data", *stages.model_names(), "eval") if (run_dir / s / artifacts.MANIFEST).is_file()]
     for stage in ran:
         manifest = json.loads((run_dir / stage / artifacts.MANIFEST).read_text())
         record["metrics"][f"seconds:{stage}"] = manifest["wall_seconds"]
@@ -148,7 +147,7 @@ def read_run(output: Path, family: str, seed: int) -> dict:
         )
     # Gate-style differences, so their spread is measured too: each model against the one it trained from.
     m = record["metrics"]
-    trained = [stage for stage in MODELS if stage in ran]
+    trained = [stage for stage in stages.model_names() if stage in ran]  # pipeline order: each from the one before
     for earlier, later in zip(trained, trained[1:]):
         for key in [k for k in m if k.startswith(f"{later}.") and k.split(".", 1)[1].split("@")[0] in COMPARED]:
             measure = key.split(".", 1)[1]

@@ -48,12 +48,17 @@ def run_benchmark(name: str, *args: str) -> str:
         ("scaling.py", "scaling: 2 processes reach"),
         ("sft_throughput.py", "ratio pipeline / bare TRL"),
         ("seed_spread.py", "runs passed every gate"),
+        ("scale_curve.py", "scale curve: 2 sizes"),
     ],
 )
 def test_a_benchmark_on_the_small_recipe_runs_to_its_report(
     small_recipe: Path, tmp_path: Path, name: str, says: str
 ) -> None:
-    extra = ["--out", str(tmp_path / "spread.json")] if name == "seed_spread.py" else []
+    extra = {
+        "seed_spread.py": ["--out", str(tmp_path / "spread.json")],
+        "scale_curve.py": ["--out", str(tmp_path / "curve.json"), "--plot", str(tmp_path / "curve.png"),
+                           "--output-dir", str(tmp_path / "runs")],
+    }.get(name, [])  # fmt: skip
     assert says in run_benchmark(name, "--config", str(small_recipe), *extra)
 
 

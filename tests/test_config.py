@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from pipeline.core import models
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import reference_markdown
@@ -27,6 +29,15 @@ def test_tiny_is_the_default_and_builds_a_model_offline() -> None:
     recipe = load_recipe("configs/tiny.yaml")
     assert recipe.model.init is not None and recipe.model.train_tokenizer_vocab_size
     assert recipe.model.chat_template == "chatml"
+
+
+def test_dtype_auto_is_decided_when_the_recipe_is_read() -> None:
+    recipe = load_recipe("configs/tiny.yaml", ["model.dtype=auto"])
+    assert recipe.model.dtype == models.native_dtype()  # the manifests record what ran, never "auto"
+    if not torch.cuda.is_available():
+        assert models.native_dtype({"avx2", "avx512f", "avx512_bf16"}) == "bfloat16"
+        assert models.native_dtype({"avx2", "amx_bf16"}) == "bfloat16"
+        assert models.native_dtype({"avx2", "avx512f"}) == "float32"
 
 
 def _recipe(tmp_path: Path, **sections: dict) -> Path:

@@ -42,6 +42,18 @@ def test_every_stage_ran_and_every_gate_passed(default_pipeline: dict) -> None:
     } <= gated
 
 
+def test_every_manifest_records_its_stages_own_peak_memory(default_pipeline: dict) -> None:
+    """The stages ran in one process: each manifest's peak is the stage's own (the high-water mark starts anew), so
+    the data stage's peak sits below the largest, and the export saw its child process (the ONNX builder)."""
+    recipe = default_pipeline["recipe"]
+    manifests = {s.name: artifacts.read_manifest(s.folder(recipe)) for s in stages.STAGES if s.applies(recipe)}
+    peaks = {name: m["peak_memory_mb"] for name, m in manifests.items()}
+    assert all(peak > 100 for peak in peaks.values()), peaks  # python, torch and the model are resident
+    assert peaks["data"] < max(peaks.values()), peaks
+    export = manifests["export"]
+    assert export["peak_memory_with_children_mb"] >= export["peak_memory_mb"]
+
+
 def test_sft_learns_the_tasks_and_the_tools(default_pipeline: dict) -> None:
     models = metrics(default_pipeline)["models"]
     assert models["base"]["exact_match"] == 0.0 and models["base"]["tool_call_rate"] == 0.0

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -170,6 +171,69 @@ def _output_records(folder: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
+class TreeMemory:
+    """The peak of the summed resident sets of a process and its descendants, sampled four times a second."""
+
+    INTERVAL = 0.25
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid or os.getpid()
+        self.peak_bytes = 0
+        self.children_seen = False
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, name="tree-memory", daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            while not self._done.wait(self.INTERVAL):
+                total = root.memory_info().rss
+                for child in root.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                        self.children_seen = True
+                    except psutil.Error:  # ended between listing and reading
+                        pass
+                self.peak_bytes = max(self.peak_bytes, total)
+        except psutil.Error:  # the root ended
+            pass
+
+    def stop(self) -> float:
+        """The peak so far, in MiB; sampling ends."""
+        self._done.set()
+        self._sampler.join()
+        return self.peak_bytes / 2**20
+
+
+class PeakMemory:
+    """A stage's peak resident memory: this process's exactly (the kernel's high-water mark, reset when the stage
+    begins, so that a stage run after another in one process reports its own), and with its child processes (vLLM's
+    engine, the ONNX builder) as sampled by TreeMemory."""
+
+    def __init__(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: start the high-water mark anew
+        except OSError:
+            pass  # elsewhere the peak is the process's since it started
+        self._tree = TreeMemory()
+        self._figures: dict[str, float] | None = None
+
+    def stop(self) -> dict[str, float]:
+        """The figures (the same on every call)."""
+        import resource
+
+        if self._figures is None:
+            tree = self._tree.stop()
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+            self._figures = {"peak_memory_mb": round(own, 1)}
+            if self._tree.children_seen:
+                self._figures["peak_memory_with_children_mb"] = round(max(own, tree), 1)
+        return self._figures
+
+
 def _write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
@@ -193,6 +257,7 @@ class StageRun:
     config_hash: str
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    memory: PeakMemory | None = None
 
     @property
     def final_dir(self) -> Path:
@@ -220,11 +285,13 @@ class StageRun:
             shutil.rmtree(self.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self.memory = PeakMemory()
         return self.work_dir
 
     def complete(self, metrics: dict[str, Any], *, extra: dict[str, Any] | None = None) -> Path:
         """Write the manifest last, atomically, then swap the work folder into place."""
         finished = time.time()
+        memory = self.memory.stop() if self.memory else {}
         manifest = {
             "stage": self.stage,
             "status": "complete",
@@ -239,6 +306,7 @@ class StageRun:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(finished)),
             "wall_seconds": round(finished - self.started, 3),
+            **memory,
             **(extra or {}),
         }
         _write_json_atomic(self.work_dir / MANIFEST, manifest)

@@ -118,6 +118,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         parts, value = _parse_override(text)
         _apply_override(tree, parts, value, text)
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("dtype") == "auto":
+        model["dtype"] = models.native_dtype()  # manifests and config hashes record what ran, not "auto"
     recipe = build_recipe(tree, str(path))
     try:
         check_with_modules(recipe)

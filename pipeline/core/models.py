@@ -20,6 +20,19 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
 
+def native_dtype(cpu_flags: set[str] | None = None) -> str:
+    """What `dtype: auto` means on this machine (or on a CPU with `cpu_flags`). Where bf16 has no hardware matmul it
+    is emulated: measured 7 times slower than float32 on an AVX2 CPU (README, "A real model, offline")."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if cpu_flags is None:
+        cpuinfo = Path("/proc/cpuinfo")
+        cpu_flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return "bfloat16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def build_from_config(
     init: dict[str, Any], tokenizer: PreTrainedTokenizerBase, stop_token_ids: list[int], seed: int, dtype: str
 ) -> PreTrainedModel:

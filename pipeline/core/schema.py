@@ -166,8 +166,10 @@ class ModelConfig(_Section):
     """train a BPE tokenizer on the training text instead"""
     chat_template: str | None = None
     """"chatml" (shipped, with generation markers), a .jinja path, or the tokenizer's own"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """weights' dtype for training, evaluation and serving"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """weights' dtype for training, evaluation and serving; auto: bfloat16 where the hardware multiplies it natively
+    (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else float32 (decided when the recipe is read, and
+    recorded as decided)"""
     attn_implementation: str | None = None
     """transformers' attention implementation for every load (training, merge, HF evaluation): sdpa, eager,
     flash_attention_2, flash_attention_3, flex_attention, or a hub kernel; None lets transformers choose."""

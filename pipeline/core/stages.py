@@ -303,12 +303,16 @@ def execute(
         if is_main_process():
             print(f"{stage.name}: up to date ({run.final_dir}); use --force to rerun.")
         return Outcome.SKIPPED
-    result = work(run)
-    if result is None:
-        return Outcome.STOPPED
-    if is_main_process():
-        run.complete(result.metrics, extra=result.extra)
-        print(f"{result.summary} -> {run.final_dir}")
+    try:
+        result = work(run)
+        if result is None:
+            return Outcome.STOPPED
+        if is_main_process():
+            run.complete(result.metrics, extra=result.extra)
+            print(f"{result.summary} -> {run.final_dir}")
+    finally:
+        if run.memory is not None:
+            run.memory.stop()
     _wait_for_other_processes()
     if result.error is not None:
         raise result.error
