@@ -44,7 +44,7 @@ from serving import server_process  # noqa: E402
 
 QWEN2 = {
     "model_type": "qwen2",
-    "rope_theta": 1000000.0,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     "max_position_embeddings": 32768,
     "tie_word_embeddings": True,
 }
