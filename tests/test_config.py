@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import pydantic
 import pytest
 import torch
 import yaml
 
-from pipeline.core import models
+from pipeline.core import models, schema
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import reference_markdown
@@ -175,3 +178,49 @@ def test_a_gate_is_overridden_by_its_dotted_name() -> None:
         ["evaluate.gates.sft-base.exact_match=0.4", "evaluate.gates.dpo.tool_call_rate=0.9"],
     )
     assert recipe.evaluate.gates["sft-base.exact_match"] == 0.4 and recipe.evaluate.gates["dpo.tool_call_rate"] == 0.9
+
+
+def test_reading_a_recipe_imports_no_training_library_once_its_fields_are_cached(tmp_path: Path) -> None:
+    """Every stage reads and checks the whole recipe, TRL's keys included; the field tables are cached per
+    library version so that the stages which never train do not pay TRL's import (10 s on 2 cores)."""
+    script = (
+        "import sys; from pipeline.core.config import load_recipe; "
+        "load_recipe('configs/tiny-grpo.yaml', ['sft.lr_scheduler_type=cosine', 'sft.lora.r=4']); "
+        "print(sorted(m for m in ('trl', 'peft', 'transformers') if m in sys.modules))"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert runs[0].stdout.split("\n")[-2] == "['peft', 'transformers', 'trl']"
+    assert runs[1].stdout.split("\n")[-2] == "[]"
+    cached = sorted(p.name.split("-")[0] + ":" + p.stem.split("-")[-1] for p in tmp_path.rglob("*.json"))
+    assert cached == ["peft:LoraConfig", "trl:DPOConfig", "trl:GRPOConfig", "trl:SFTConfig"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "accepted"),
+    [
+        ("lr_scheduler_type", "cosine", True),  # an enum of TRL's, or a str
+        ("lr_scheduler_type", 3, False),
+        ("report_to", ["none"], True),
+        ("gradient_checkpointing_kwargs", {"use_reentrant": False}, True),
+        ("max_grad_norm", 1, True),  # an int where a float is asked
+        ("max_grad_norm", "1.0", False),
+        ("eval_steps", None, True),
+    ],
+)
+def test_a_cached_field_type_checks_as_the_library_type_does(key: str, value: object, accepted: bool) -> None:
+    from trl import SFTConfig
+
+    library = typing.get_type_hints(SFTConfig)[key]
+    cached = schema.annotation_of(schema.portable_type(library))
+    assert cached == schema.library_fields("trl", "SFTConfig")[key]
+    checker = pydantic.TypeAdapter(cached, config=pydantic.ConfigDict(strict=True))
+    try:
+        checker.validate_python(value)
+        checked = True
+    except pydantic.ValidationError:
+        checked = False
+    assert checked == accepted
