@@ -211,7 +211,7 @@ class TreeMemory:
 class PeakMemory:
     """A stage's peak resident memory: this process's exactly (the kernel's high-water mark, reset when the stage
     begins, so that a stage run after another in one process reports its own), and with its child processes (vLLM's
-    engine, the ONNX builder) as sampled by TreeMemory."""
+    engine where it runs in a process of its own) as sampled by TreeMemory."""
 
     def __init__(self) -> None:
         try:
