@@ -119,6 +119,7 @@ def _evaluate_model(
     backend: str,
     settings: engines.EngineSettings,
     scratch: Path,
+    shared: _SharedEngine,
 ) -> dict[str, Any]:
     """Generate with one model on every held-out set and score it."""
     model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
@@ -133,14 +134,30 @@ def _evaluate_model(
             for name, ids in sets.items()
         }
     else:
-        engine = engines.VLLMEngine(model_dir, settings, context)
-        try:
-            outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids) for name, ids in sets.items()}
-        finally:
-            engine.close()
+        engine = shared.on(model_dir, settings, context)
+        outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids) for name, ids in sets.items()}
     scores = held.score(outputs, recipe.evaluate.metrics)
     scores.update(held.likelihood_scores(model, tokenizer, recipe.evaluate.batch_size))
     return {"scores": scores, "outputs": outputs}
+
+
+class _SharedEngine:
+    """One vLLM engine for the models of a run, which share their base's architecture: each model's weights are
+    read into it in turn, instead of an engine started per model."""
+
+    def __init__(self) -> None:
+        self.engine: engines.VLLMEngine | None = None
+
+    def on(self, model_dir: Path, settings: engines.EngineSettings, context: int) -> engines.VLLMEngine:
+        if self.engine is None or not self.engine.switch_to(model_dir):
+            self.close()
+            self.engine = engines.VLLMEngine(model_dir, settings, context)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
@@ -168,24 +185,31 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     results: dict[str, dict[str, Any]] = {}
     outputs: dict[str, dict[str, list[str]]] = {}
     reused = []
-    for name, folder in found.items():
-        key = _cache_key(folder, recipe, backend, settings, data_identity)
-        cached = _read_cache(previous_cache / f"{name}.json", key)
-        started = time.time()
-        if cached is None:
-            cached = {"key": key, **_evaluate_model(folder, recipe, held, tokenizer, backend, settings, scratch)}
-            print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
-        else:
-            # The outputs are what the cache saves work on; scores are recomputed from them, so a change in how
-            # answers are scored reaches reused results too.
-            cached["scores"] = {**cached["scores"], **held.score(cached["outputs"], recipe.evaluate.metrics)}
-            reused.append(name)
-            print(
-                f"eval: {name} unchanged since its last evaluation; results reused:"
-                f" {scoring.describe(cached['scores'])}"
-            )
-        (work / artifacts.EVAL_CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
-        results[name], outputs[name] = cached["scores"], cached["outputs"]
+    shared = _SharedEngine()
+    try:
+        for name, folder in found.items():
+            key = _cache_key(folder, recipe, backend, settings, data_identity)
+            cached = _read_cache(previous_cache / f"{name}.json", key)
+            started = time.time()
+            if cached is None:
+                cached = {
+                    "key": key,
+                    **_evaluate_model(folder, recipe, held, tokenizer, backend, settings, scratch, shared),
+                }
+                print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
+            else:
+                # The outputs are what the cache saves work on; scores are recomputed from them, so a change in how
+                # answers are scored reaches reused results too.
+                cached["scores"] = {**cached["scores"], **held.score(cached["outputs"], recipe.evaluate.metrics)}
+                reused.append(name)
+                print(
+                    f"eval: {name} unchanged since its last evaluation; results reused:"
+                    f" {scoring.describe(cached['scores'])}"
+                )
+            (work / artifacts.EVAL_CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
+            results[name], outputs[name] = cached["scores"], cached["outputs"]
+    finally:
+        shared.close()
     shutil.rmtree(scratch, ignore_errors=True)
 
     gates = check_gates(recipe.evaluate.gates, results)
