@@ -49,6 +49,7 @@ def run_benchmark(name: str, *args: str) -> str:
         ("sft_throughput.py", "ratio pipeline / bare TRL"),
         ("seed_spread.py", "runs passed every gate"),
         ("scale_curve.py", "scale curve: 2 sizes"),
+        ("train_profile.py", "train profile: sft and dpo, 2 steps each"),
     ],
 )
 def test_a_benchmark_on_the_small_recipe_runs_to_its_report(
@@ -58,6 +59,7 @@ def test_a_benchmark_on_the_small_recipe_runs_to_its_report(
         "seed_spread.py": ["--out", str(tmp_path / "spread.json")],
         "scale_curve.py": ["--out", str(tmp_path / "curve.json"), "--plot", str(tmp_path / "curve.png"),
                            "--output-dir", str(tmp_path / "runs")],
+        "train_profile.py": ["--out", str(tmp_path / "profile.json"), "--output-dir", str(tmp_path / "runs")],
     }.get(name, [])  # fmt: skip
     assert says in run_benchmark(name, "--config", str(small_recipe), *extra)
 
