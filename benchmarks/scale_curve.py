@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_sft import flops_per_token, matmul_peak  # noqa: E402
 
-from pipeline.core import artifacts, stages  # noqa: E402
+from pipeline.core import artifacts, models, stages  # noqa: E402
 from serving import server_process  # noqa: E402
 
 QWEN2 = {
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = ("float32",) if args.smoke else ("float32", "bfloat16")
     results: dict[str, Any] = {
         "config": str(args.config),
-        "machine": {"cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if cpu_has(f)]},
+        "machine": {"cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & models.cpu_flags())},
         "matmul_peak_gflops_at_start": measure_peaks(args.smoke, dtypes),
         "sizes": {},
     }
@@ -280,11 +280,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure_peaks(smoke: bool, dtypes: tuple[str, ...]) -> dict[str, float]:
     return {dtype: matmul_peak(256 if smoke else MATMUL_N, dtype) / 1e9 for dtype in dtypes}
-
-
-def cpu_has(flag: str) -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and f" {flag}" in cpuinfo.read_text()
 
 
 if __name__ == "__main__":

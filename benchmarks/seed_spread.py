@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.core import artifacts, stages
+from pipeline.core import artifacts, models, stages
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -53,8 +53,8 @@ COMPARED = (
 
 
 def native_family() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "default"
+    flags = models.cpu_flags()
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "default"
 
 
 def native_mkl_branch() -> str:

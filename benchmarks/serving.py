@@ -58,6 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.core import models  # noqa: E402
 from serving import server_process  # noqa: E402
 
 SERVED_NAME = "llama-135m-random"
@@ -82,15 +83,6 @@ def summarize(tokens: int, seconds: float, ttft: list[float], tpot: list[float])
         "tpot_p50_ms": percentile(tpot, 50) * 1000,
         "tpot_p99_ms": percentile(tpot, 99) * 1000,
     }
-
-
-def native_dtype() -> str:
-    """bfloat16 where the CPU has bfloat16 instructions (avx512_bf16, amx_bf16): what one would serve in there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "float32"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def memory_bandwidth(gib: float, repeats: int = 7) -> dict[str, float]:
@@ -330,7 +322,7 @@ def main() -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        default=native_dtype(),
+        default=models.native_dtype(models.cpu_flags()),
         help=(
             "weights and compute of both engines (default: bfloat16 where the CPU computes it "
             "natively, here %(default)s)"

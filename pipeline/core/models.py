@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,17 +21,23 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
 
-def native_dtype(cpu_flags: set[str] | None = None) -> str:
-    """What `dtype: auto` means on this machine (or on a CPU with `cpu_flags`). Where bf16 has no hardware matmul it
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is not there to read)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def native_dtype(flags: frozenset[str] | set[str] | None = None) -> str:
+    """What `dtype: auto` means on this machine (or on a CPU with `flags`). Where bf16 has no hardware matmul it
     is emulated: measured 7 times slower than float32 on an AVX2 CPU (README, "A real model, offline")."""
     import torch
 
-    if torch.cuda.is_available():
+    if flags is None and torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if cpu_flags is None:
-        cpuinfo = Path("/proc/cpuinfo")
-        cpu_flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return "bfloat16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return "bfloat16" if (cpu_flags() if flags is None else flags) & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def build_from_config(
