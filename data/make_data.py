@@ -21,6 +21,9 @@
 - `general.jsonl`: a retention set, never trained on (`held_out: true` in a recipe): general questions that
   SmolLM2-135M-Instruct answers right before any training (its answer contains the reference: 52 of the 74 asked
   when the set was written), so that a stage which makes the model forget shows up in the report.
+- `general_answers.jsonl` and `general_preference.jsonl` are not written here: `data/make_general_answers.py`
+  writes them from SmolLM2-135M-Instruct's own answers to other general questions (replay, so that fine-tuning
+  keeps what the model knew), which needs the model.
 
 Held-out prompts are new phrasings, new numbers, new cities-and-results or new made-up words, so the held-out
 metrics measure learning. Deterministic: the same seed writes byte-identical files.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import base, data
-from pipeline.core import artifacts, stages
+from pipeline.core import artifacts, scoring, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import MissingArtifactError
 
@@ -127,6 +127,23 @@ def base_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "obje
     data.run(recipe)
     base.run(recipe)
     return recipe.run_dir / "base", recipe
+
+
+def test_replay_rows_are_the_models_right_answers_to_questions_the_retention_set_never_asks() -> None:
+    """data/general_answers.jsonl keeps SmolLM2 what it knew while it is fine-tuned; data/general.jsonl measures
+    whether it did. A question in both would measure memorisation, not retention."""
+    import make_general_answers
+
+    references = dict(make_general_answers.TRAINING_QUESTIONS)
+    retained = {question for question, _ in make_data.GENERAL_QUESTIONS}
+    replay = _rows("general_answers.jsonl")
+    pairs = _rows("general_preference.jsonl")
+    assert len(replay) == len(pairs) > 50
+    for row, pair in zip(replay, pairs):
+        question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert question not in retained and question in references
+        assert scoring.contains_answer(answer, references[question]), (question, answer)
+        assert pair == {"prompt": question, "chosen": answer, "rejected": make_data.UNKNOWN}
 
 
 def test_base_artifact_layout_and_stop_tokens(base_artifact) -> None:
