@@ -407,6 +407,18 @@ def request_id_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
     return REQUEST_ID_RULE.format(where="The body's request_id"), "request_id"
 
 
+def structured_outputs_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, parameter) if vLLM's `structured_outputs` is neither an object nor null: vLLM's own check reads it
+    as a mapping before validating it, and answered `false` with a 500 ("'bool' object has no attribute 'get'")."""
+    value = payload.get("structured_outputs")
+    if value is None or isinstance(value, dict):
+        return None
+    return (
+        f"structured_outputs must be an object (json, regex, choice, grammar, ...) or null, not {json.dumps(value)}.",
+        "structured_outputs",
+    )
+
+
 @dataclass(frozen=True)
 class CheckedBody:
     body: bytes  # what vLLM is to read
@@ -440,7 +452,12 @@ def check_body(body: bytes, settings: Settings) -> CheckedBody:
             body = json.dumps(payload).encode()
         except RecursionError:  # read within the limit, but the encoder's stack runs deeper
             return too_deep
-    problem = limit_problem(payload, settings) or schemas_problem(payload) or request_id_problem(payload)
+    problem = (
+        limit_problem(payload, settings)
+        or structured_outputs_problem(payload)
+        or schemas_problem(payload)
+        or request_id_problem(payload)
+    )
     return CheckedBody(body, problem, sequences(payload))
 
 

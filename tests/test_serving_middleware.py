@@ -160,6 +160,8 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         ({"max_tokens": 1.5e9}, "max_tokens", "max_tokens=1500000000 is more"),
         ({"max_completion_tokens": " 1_50 "}, "max_completion_tokens", "max_completion_tokens=150 is more"),
         ({"n": "9"}, "n", "n=9; the server allows at most 8"),
+        # vLLM reads it as a mapping before checking it: `false` was a 500 (found by the fuzzing test)
+        ({"structured_outputs": False}, "structured_outputs", "must be an object (json, regex"),
     ],
     ids=[
         "n",
@@ -175,6 +177,7 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         "max-tokens-an-exponent",
         "max-completion-tokens-spaced",
         "n-a-string",
+        "structured-outputs-not-an-object",
     ],
 )
 def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payload: dict, param: str, says: str) -> None:
@@ -193,6 +196,7 @@ def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payloa
         {"n": "many"},
         {"max_tokens": 1.5},
         {"max_tokens": "1e3"},
+        {"structured_outputs": None},
     ],
     ids=[
         "at-the-limits",
@@ -202,6 +206,7 @@ def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payloa
         "n-not-a-number",
         "max-tokens-not-a-whole-number",
         "max-tokens-not-an-int-string",
+        "structured-outputs-null",
     ],
 )
 def test_requests_within_the_limits_or_for_vllm_to_judge_pass_unchanged(

@@ -24,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -294,9 +295,10 @@ def _write_quietly(path: Path, text: str) -> None:
     """Write a cache file whole (a reader never sees half of it); a cache that cannot be written is only slower."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+        handle, written = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(written, path)
     except OSError:
         pass
 
