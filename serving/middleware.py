@@ -414,9 +414,18 @@ def structured_outputs_problem(payload: dict[str, Any]) -> tuple[str, str] | Non
     if value is None or isinstance(value, dict):
         return None
     return (
-        f"structured_outputs must be an object (json, regex, choice, grammar, ...) or null, not {json.dumps(value)}.",
+        f"structured_outputs must be an object (json, regex, choice, grammar, ...) or null, not {_json_type(value)}.",
         "structured_outputs",
     )
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: an error names it instead of echoing a value of any size back."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array"}.get(type(value), type(value).__name__)
 
 
 @dataclass(frozen=True)

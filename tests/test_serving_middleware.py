@@ -161,7 +161,8 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         ({"max_completion_tokens": " 1_50 "}, "max_completion_tokens", "max_completion_tokens=150 is more"),
         ({"n": "9"}, "n", "n=9; the server allows at most 8"),
         # vLLM reads it as a mapping before checking it: `false` was a 500 (found by the fuzzing test)
-        ({"structured_outputs": False}, "structured_outputs", "must be an object (json, regex"),
+        ({"structured_outputs": False}, "structured_outputs", "or null, not a boolean."),
+        ({"structured_outputs": ["x" * 10_000]}, "structured_outputs", "or null, not an array."),
     ],
     ids=[
         "n",
@@ -177,7 +178,8 @@ def test_without_a_key_every_route_is_open(monkeypatch: pytest.MonkeyPatch) -> N
         "max-tokens-an-exponent",
         "max-completion-tokens-spaced",
         "n-a-string",
-        "structured-outputs-not-an-object",
+        "structured-outputs-a-boolean",
+        "structured-outputs-an-array",
     ],
 )
 def test_requests_over_a_limit_get_a_400(monkeypatch: pytest.MonkeyPatch, payload: dict, param: str, says: str) -> None:
