@@ -137,10 +137,11 @@ def run_cli(entry: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     try:
         return exit_code(entry(argv))
     except PipelineError as error:
-        # Every process checks the same recipe and files, so every process raises the same error: say it once.
-        if main_process:
+        # Every process of a node checks the same recipe and files, so they raise the same error: each node says it
+        # once (nodes of a multi-node job without a shared filesystem can differ: node 1 may lack an input).
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             report_user_error(error)
-        return 2
+        return stages.USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -125,3 +125,149 @@ def check_method(method: str, section: str, launch: Launch, global_batch_size: i
             f"{section}.global_batch_size={global_batch_size} cannot be split over the {launch.processes} processes of "
             f"{launch.describe()}; use a multiple of {launch.processes}."
         )
+
+
+# ------------------------------------------------------------------------------------------- multi-node
+
+DEFAULT_JOIN_TIMEOUT = 300  # seconds a node waits for the others (torch's static rendezvous waits 600)
+DEFAULT_MAIN_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node's place in a multi-node job, and the `accelerate launch` that runs its processes."""
+
+    nodes: int
+    rank: int
+    main_address: str
+    main_port: int
+    processes_per_node: int
+    join_timeout: int
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        nodes: int | None,
+        rank: int | None,
+        main_address: str | None,
+        main_port: int | None,
+        processes_per_node: int | None,
+        join_timeout: int,
+    ) -> Node:
+        """The flags given, else what the scheduler that started this node says (SLURM, a Kubernetes Indexed Job),
+        else the generic environment variables (NUM_NODES, NODE_RANK, MAIN_ADDRESS, MAIN_PORT)."""
+        env = os.environ
+        nodes = nodes or _int_env("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "NUM_NODES")
+        rank = rank if rank is not None else _int_env("SLURM_NODEID", "JOB_COMPLETION_INDEX", "NODE_RANK")
+        main_address = main_address or env.get("MAIN_ADDRESS") or _slurm_first_host()
+        main_port = main_port or _int_env("MAIN_PORT") or DEFAULT_MAIN_PORT
+        missing = [
+            flag
+            for flag, value in (("--nodes", nodes), ("--node-rank", rank), ("--main-address", main_address))
+            if value is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"this node's place in the job is not known: give {', '.join(missing)} (or run it under SLURM, or "
+                "in a Kubernetes Indexed Job with NUM_NODES and MAIN_ADDRESS set; see launchers/)."
+            )
+        if not 0 <= rank < nodes:
+            raise ConfigError(f"--node-rank {rank} is outside the job's {nodes} nodes (0 to {nodes - 1}).")
+        if join_timeout < 1:
+            raise ConfigError(f"--join-timeout must be at least 1 second, not {join_timeout}.")
+        return cls(nodes, rank, main_address, main_port, processes_per_node or _processes_here(), join_timeout)
+
+    def accelerate_arguments(
+        self, config_file: Path, described: Launch, module: str, stage_args: list[str]
+    ) -> list[str]:
+        arguments = [
+            "--config_file", str(config_file),
+            "--num_machines", str(self.nodes),
+            "--machine_rank", str(self.rank),
+            "--num_processes", str(self.nodes * self.processes_per_node),
+            "--main_process_ip", self.main_address,
+            "--main_process_port", str(self.main_port),
+            "--rdzv_backend", "static",
+            "--rdzv_conf", f"timeout={self.join_timeout}",
+            "--max_restarts", "0",
+        ]  # fmt: skip
+        if described.kind == "deepspeed":
+            # torchrun on each node, as for DDP; DeepSpeed's own launchers (pdsh, ...) need ssh between the nodes.
+            arguments += ["--deepspeed_multinode_launcher", "standard"]
+        return [*arguments, "--module", module, *stage_args]
+
+    def run(self, config_file: Path, described: Launch, module: str, stage_args: list[str]) -> int:
+        """Launch this node's processes and wait for them; the exit code a stage would give."""
+        import torch.distributed as dist
+        from accelerate.commands.launch import launch_command, launch_command_parser
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        from pipeline.core.stages import STOPPED_EXIT_CODE, USER_ERROR_EXIT_CODE
+
+        arguments = launch_command_parser().parse_args(
+            self.accelerate_arguments(config_file, described, module, stage_args)
+        )
+        try:
+            launch_command(arguments)
+        except (dist.DistStoreError, dist.DistNetworkError) as error:
+            raise self._no_show(error) from None
+        except SignalException as signalled:
+            # The scheduler stopped this node: its processes got the signal, checkpointed and stopped.
+            return 128 + int(signalled.sigval)
+        except ChildFailedError as failed:
+            codes = {failure.exitcode for failure in failed.failures.values()}
+            # 143: another node was stopped and this one stopped with it, at the same step; 2: the processes
+            # explained a user error themselves.
+            for code in (STOPPED_EXIT_CODE, USER_ERROR_EXIT_CODE):
+                if codes == {code}:
+                    return code
+            return 1
+        return 0
+
+    def _no_show(self, error: Exception) -> ConfigError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.rank == 0:
+            waited = f"node 0 listened on {self.main_address}:{self.main_port} for the other {self.nodes - 1} node(s)"
+        else:
+            waited = f"node {self.rank} tried to reach node 0 at {self.main_address}:{self.main_port}"
+        return ConfigError(
+            f"the job's nodes did not all join: {waited} for {self.join_timeout} s ({first_line}). Start the same "
+            "command on every node with its own --node-rank, check that node 0's address is reachable from the "
+            "others and the port is open and free there, or raise --join-timeout if nodes start far apart."
+        )
+
+
+def _int_env(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"the environment variable {name}={value!r} is not a whole number.") from None
+    return None
+
+
+def _slurm_first_host() -> str | None:
+    """The first host of the SLURM allocation: node 0, where the job's main process listens."""
+    import shutil
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist or shutil.which("scontrol") is None:
+        return None
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.split()
+    return hosts[0] if hosts else None
+
+
+def _processes_here() -> int:
+    gpus = _int_env("SLURM_GPUS_ON_NODE")
+    if gpus:
+        return gpus
+    import torch
+
+    return torch.cuda.device_count() or 1

@@ -222,7 +222,9 @@ class ModelConfig(_Section):
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 PIPELINE_OWNED_LORA_FIELDS = frozenset({"use_dora", "task_type"})
 # Fields of the TRL config that the pipeline sets itself, from its own keys or the artifact layout.
-PIPELINE_OWNED_TRAINER_FIELDS = frozenset({"output_dir", "seed", "max_length", "assistant_only_loss"})
+PIPELINE_OWNED_TRAINER_FIELDS = frozenset(
+    {"output_dir", "seed", "max_length", "assistant_only_loss", "save_on_each_node"}
+)
 
 
 class QuantizationSection(_Section):
@@ -411,8 +413,8 @@ class TrainingSection(_Section):
                 kept[key] = value
             elif key in PIPELINE_OWNED_TRAINER_FIELDS:
                 raise SectionError(
-                    f"{{at}}.{key} is set by the pipeline (from run.seed, data.max_length, the chat template or the "
-                    "artifact layout); remove it from the recipe."
+                    f"{{at}}.{key} is set by the pipeline (from run.seed, data.max_length, the chat template, the "
+                    "artifact layout, or whether the nodes share a filesystem); remove it from the recipe."
                 )
             elif key in trl_fields:
                 trainer[key] = _library_value(value, trl_fields[key], key)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # A stage stopped by SIGTERM exits with this status (128 + SIGTERM, what a shell reports for a process the signal
 # ended): not 0, so a scheduler or a script does not take a stopped run for a finished one.
 STOPPED_EXIT_CODE = 143
+USER_ERROR_EXIT_CODE = 2  # a mistake the user can fix, explained in one paragraph
 
 
 class Outcome(str, enum.Enum):
@@ -292,14 +293,16 @@ def execute(
     *,
     force: bool = False,
     inputs: dict[str, dict[str, Any]] | None = None,
+    decide: Callable[[bool], bool] = lambda found: found,
 ) -> Outcome:
     """Run `work` unless a complete artifact matches the inputs and settings; `work` returns None when stopped.
 
     `work` writes into `run.work_dir` (after `run.begin()`); the manifest is written last and the folder swapped
     into place by the main process while the others wait, so every process returns with the artifact complete.
+    `decide` makes every process act on one finding (a multi-node launch whose nodes keep their own files: rank 0's).
     """
     run = prepare(stage, recipe, inputs)
-    if not force and run.up_to_date():
+    if not force and decide(run.up_to_date()):
         if is_main_process():
             print(f"{stage.name}: up to date ({run.final_dir}); use --force to rerun.")
         return Outcome.SKIPPED

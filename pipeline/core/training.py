@@ -41,11 +41,71 @@ class BatchPlan:
         return self.world_size * self.per_device * self.accumulation
 
 
+def _cpu_launch_fields(kind: str) -> dict[str, Any]:
+    """What the trainer arguments need to run a launch on the CPU. Without CUDA, accelerate starts DeepSpeed with no
+    process-group backend, and a DDP launch outside the Trainer's CPU mode trains each process alone: DeepSpeed
+    needs gloo named, DDP (and a single process) needs the CPU mode, and breaks with the backend named."""
+    return {"ddp_backend": "gloo"} if kind == "deepspeed" else {"use_cpu": True}
+
+
 def processes() -> Any:
-    """This launch's processes (accelerate's PartialState; the trainer arguments set it up, including the backend)."""
+    """This launch's processes (accelerate's PartialState), set up as the trainer arguments set them up (the same
+    backend), so that the processes can agree on something before the trainer exists."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    if torch.cuda.is_available():
+        return PartialState()
+    fields = _cpu_launch_fields(launch.from_environment().kind)
+    return PartialState(cpu=fields.get("use_cpu", False), backend=fields.get("ddp_backend"))
+
+
+def agreed(value: Any) -> Any:
+    """The main process's `value`, on every process: where nodes keep their own files, what rank 0 finds decides
+    (whether a stage is already done, say), and no node goes its own way."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    processes()
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def storage_is_shared(folder: Path) -> bool:
+    """Whether every node of the launch sees the same `folder`. Nodes without a shared filesystem each keep their
+    own checkpoints (and resume from them); only node 0 holds the finished artifact. Decided by looking: the main
+    process writes a random token there, and every node reads it back."""
+    import secrets
+
+    from accelerate.utils import gather_object
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if local == int(os.environ.get("WORLD_SIZE", "1")):
+        return True  # one node
+    state = processes()
+    token = agreed(secrets.token_hex(16))
+    probe = folder / ".shared-storage-probe"
+    if state.is_main_process:
+        probe.write_text(token)
+    state.wait_for_everyone()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    everyone = gather_object([seen])
+    state.wait_for_everyone()
+    if state.is_main_process:
+        probe.unlink(missing_ok=True)
+    return all(everyone)
+
+
+def writes_files(shared_storage: bool) -> bool:
+    """Whether this process writes the work folder's files: the main process, and on nodes with their own
+    storage the first process of each node (its checkpoints, its resume state)."""
+    state = processes()
+    return state.is_main_process or (not shared_storage and state.is_local_main_process)
 
 
 @contextlib.contextmanager
@@ -212,14 +272,7 @@ def trainer_arguments(
     }
     if not torch.cuda.is_available():
         # Mixed precision flags fail without a GPU ("Your setup doesn't support bf16/gpu"); CPU runs in the model dtype.
-        fields.update(bf16=False, fp16=False)
-        # Without CUDA, accelerate starts DeepSpeed with no process-group backend, and a DDP launch outside the
-        # Trainer's CPU mode trains each process alone: DeepSpeed needs gloo named, DDP (and a single process)
-        # needs the CPU mode, and breaks with the backend named.
-        if current.kind == "deepspeed":
-            fields["ddp_backend"] = "gloo"
-        else:
-            fields["use_cpu"] = True
+        fields.update(bf16=False, fp16=False, **_cpu_launch_fields(current.kind))
     try:
         return config_class(**fields)
     except (ValueError, TypeError) as error:
@@ -231,41 +284,105 @@ def trainer_arguments(
 
 def complete_checkpoints(work_dir: Path) -> list[Path]:
     folder = work_dir / CHECKPOINTS_DIR
-    found = [p for p in folder.glob("checkpoint-*") if (p / TRAINER_STATE).is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    found = [p for p in folder.glob("checkpoint-*") if _is_complete(p)] if folder.is_dir() else []
+    return sorted(found, key=_step)
 
 
-def begin_or_resume(stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool) -> Path | None:
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last. DeepSpeed's loader also reads the `latest` tag, which DeepSpeed
+    writes on node 0 only and `NodeCheckpointTag` on the other nodes after the save."""
+    if not (checkpoint / TRAINER_STATE).is_file():
+        return False
+    return not any(checkpoint.glob("global_step*")) or (checkpoint / "latest").is_file()
+
+
+def _from_everyone(value: Any) -> list[Any]:
+    """Every process's `value`, on every process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def begin_or_resume(
+    stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool, shared_storage: bool = True
+) -> Path | None:
     """Start the stage's work folder, or pick up the newest complete checkpoint of an interrupted run.
 
     Resuming is refused when the recipe or an input changed since that run (unless allow_drift), since the
-    continued run would silently mix two different trainings. Every process decides the same from the same
-    files; only the main one writes.
+    continued run would silently mix two different trainings. Every process resumes from the same step: the
+    newest one every node holds complete (nodes with their own storage, killed while saving, can differ).
     """
     key = {
         "config_hash": stage.config_hash,
         "inputs": {n: artifacts.input_identity(r) for n, r in stage.inputs.items()},
     }
-    checkpoints = [] if fresh else complete_checkpoints(stage.work_dir)
+    found = [] if fresh else complete_checkpoints(stage.work_dir)
+    everywhere = set.intersection(*(set(steps) for steps in _from_everyone([_step(c) for c in found])))
+    checkpoints = [c for c in found if _step(c) in everywhere]
+    problem = ""
     if checkpoints:
         try:
             previous = json.loads((stage.work_dir / RESUME_KEY).read_text())
         except (OSError, json.JSONDecodeError):
             previous = None
         if previous != key and not allow_drift:
-            changed = _drift(previous, key)
-            raise PipelineError(
-                f"an interrupted {stage.stage} run left {checkpoints[-1]}, but {changed} changed since it started. "
-                "Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, or --fresh "
-                "to discard the checkpoints and start over."
+            problem = (
+                f"an interrupted {stage.stage} run left {checkpoints[-1]}, but {_drift(previous, key)} changed since "
+                "it started. Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, "
+                "or --fresh to discard the checkpoints and start over."
             )
+    problems = [p for p in _from_everyone(problem) if p]
+    if problems:
+        raise PipelineError(problems[0])  # on every process, so that none waits for the others
     state = processes()
     state.wait_for_everyone()  # nobody reads the work folder while the main process clears it
-    if state.is_main_process:
+    if writes_files(shared_storage):
         stage.begin(keep_partial=bool(checkpoints))
         (stage.work_dir / RESUME_KEY).write_text(json.dumps(key, indent=2) + "\n")
     state.wait_for_everyone()
     return checkpoints[-1] if checkpoints else None
+
+
+def keep_checkpoints_on_each_node(args: Any) -> None:
+    """Trainer arguments for nodes without a shared filesystem: every node saves each checkpoint in full into its
+    own folder (the Trainer's files on each node's first process; DeepSpeed's module states too, beside each
+    rank's own shards), so that every node can resume from its own disk."""
+    args.save_on_each_node = True
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+
+
+def save_where_the_trainer_says(model: Any) -> None:
+    """transformers 5's `save_pretrained` writes on global rank 0 only, whatever the Trainer decided: with
+    save_on_each_node, the other nodes' checkpoints held no weights to resume from. The Trainer's own decision
+    (`args.should_save`, which gates the call) stands instead. PEFT models save themselves without that check."""
+    if hasattr(model, "should_save_on_this_rank"):
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+
+
+def _node_checkpoint_tag() -> Any:
+    from transformers import TrainerCallback
+
+    class NodeCheckpointTag(TrainerCallback):
+        """DeepSpeed names the newest checkpoint in a `latest` file on node 0 only; its loader needs one on every
+        node that keeps its own checkpoints."""
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - the Trainer's callback API
+            if args.save_on_each_node and state.is_local_process_zero and not state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                tags = sorted(p.name for p in folder.glob("global_step*"))
+                if tags:
+                    (folder / "latest").write_text(tags[-1])
+            return control
+
+    return NodeCheckpointTag()
 
 
 def _drift(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
@@ -379,6 +496,7 @@ def train_and_save(
     state = processes()
     stopper = StopOnSignal()
     trainer.add_callback(stopper.callback)
+    trainer.add_callback(_node_checkpoint_tag())
     if not cli.verbose() and trainer.pop_callback(ProgressCallback) is not None:
         # The progress bar stays; the log dictionary it prints at every logging step is in log_history.json.
         trainer.add_callback(_bar_without_log_lines())
@@ -445,7 +563,7 @@ class ContinuedModel:
 
     def __call__(self, args: Any) -> Path:
         state = processes()
-        if state.is_main_process:
+        if writes_files(shared_storage=not args.save_on_each_node):
             # Under ZeRO-3 the merge must load whole weights, not partition them across ranks.
             with zero3_partitioning_off(args):
                 self._materialise()
@@ -529,13 +647,22 @@ def run_stage(
         args = trainer_arguments(
             plan.config_class, recipe, section, stage.name, run.work_dir / CHECKPOINTS_DIR, **plan.owned
         )
-        resume_from = begin_or_resume(run, allow_drift=options.allow_drift, fresh=options.fresh)
+        shared = storage_is_shared(recipe.run_dir)
+        if not shared:
+            keep_checkpoints_on_each_node(args)
+        resume_from = begin_or_resume(run, allow_drift=options.allow_drift, fresh=options.fresh, shared_storage=shared)
         model = load_trainable_model(recipe, section, stage.name, plan.start(args))
         trainer = plan.make_trainer(model, args, section)
+        if not shared:
+            save_where_the_trainer_says(trainer.model)
         metrics = train_and_save(trainer, run, resume_from, plan.plots)
         if metrics is None:
             return None
         record, extra, words = plan.finish(trainer, run.work_dir) if plan.finish else ({}, {}, "")
+        metrics["storage"] = "shared" if shared else "each node its own"
+        if writes_files(shared) and not processes().is_main_process:
+            # This node's checkpoints and its copy of the saves; the artifact is node 0's.
+            shutil.rmtree(run.work_dir, ignore_errors=True)
         metrics.update(method=section.method, **extra)
         return stages.Result(
             metrics,
@@ -545,4 +672,4 @@ def run_stage(
             extra={"model": record},
         )
 
-    return stages.execute(stage, recipe, work, force=options.force, inputs=inputs)
+    return stages.execute(stage, recipe, work, force=options.force, inputs=inputs, decide=agreed)
