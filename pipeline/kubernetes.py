@@ -241,8 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as error:
         cli.report_user_error(error)
         return stages.USER_ERROR_EXIT_CODE
-    yaml.safe_dump_all(documents, sys.stdout, sort_keys=False)
+    yaml.dump_all(documents, sys.stdout, Dumper=_PlainDumper, sort_keys=False)
     return 0
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Every object written out where it appears: the label sets repeat rather than point at one another (YAML
+    anchors), which readers of a manifest expect and some tools do not follow."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 if __name__ == "__main__":
