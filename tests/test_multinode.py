@@ -168,7 +168,8 @@ def test_sigterm_to_one_node_stops_both_at_the_same_step(tmp_path: Path, config:
     node0, node1 = node_folders(tmp_path, max_steps=400, save_steps=10_000, logging_steps=1)
     port = free_port()
     # -v: the trainer's log lines, so the test sees training under way.
-    started = [start_node(Path(r.source_path).parent, rank, port, config, "-v") for rank, r in enumerate((node0, node1))]
+    folders = [Path(r.source_path).parent for r in (node0, node1)]
+    started = [start_node(folder, rank, port, config, "-v") for rank, folder in enumerate(folders)]
     try:
         for line in started[0].stdout:
             if "'loss'" in line:  # rank 0 logged a step: both nodes are inside training
