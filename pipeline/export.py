@@ -6,8 +6,10 @@ Exports the final model (DPO if present, else SFT). `hf`: adapters merged into t
 precision (never into 4-bit weights), safetensors only, tokenizer with chat template, `generation_config.json`
 listing every stop token, and `serving.json` with what the server needs. `onnx`: ONNX Runtime GenAI's model
 builder on the merged folder (fp32 and int4 for CPU); optimum's ONNX exporter cannot be installed beside
-transformers 5, and `build_onnx` is the one place that would switch to it. The stage checks merge parity,
-template parity and ONNX parity itself, fails on a broken export, and records the figures in its manifest.
+transformers 5, and `build_onnx` is the one place that would switch to it. `adapter`: every trained stage's
+adapter stacked into one over the run's base model (pipeline.core.adapters), recorded with the base's weights
+hash in `serving.json`. The stage checks merge parity, template parity, adapter parity and ONNX parity itself,
+fails on a broken export, and records the figures in its manifest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import artifacts, chat, cli, engines, models, scoring, stages
+from pipeline.core import adapters, artifacts, chat, cli, engines, models, scoring, stages
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.schema import Recipe
 
@@ -33,6 +35,7 @@ PARITY_PROMPTS = 8
 # module left out) is off by orders of magnitude more.
 MERGE_TOLERANCE = 3e-5
 ONNX_LOGIT_TOLERANCE = 1e-3
+TARGETS = ("hf", "onnx", "adapter")
 
 
 class ExportCheckFailed(PipelineError):
@@ -193,9 +196,9 @@ def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
 
 def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Outcome:
     targets = list(options.targets or recipe.export.targets)
-    unknown = [t for t in targets if t not in ("hf", "onnx")]
+    unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ConfigError(f"unknown export target(s) {', '.join(unknown)}; the targets are hf and onnx.")
+        raise ConfigError(f"unknown export target(s) {', '.join(unknown)}; the targets are {', '.join(TARGETS)}.")
     if "onnx" in targets and importlib.util.find_spec("onnxruntime_genai") is None:
         raise ConfigError(
             "the onnx target needs onnxruntime-genai, which is not installed: install the `onnx` extra "
@@ -256,13 +259,8 @@ def _export(
         )
 
     lora = None
-    if recipe.export.adapter_only and adapter is not None:
-        shutil.copytree(adapter, work / artifacts.ADAPTER_DIR)
-        lora = {
-            "name": f"{recipe.serve.served_model_name or recipe.run.name}-lora",
-            "path": artifacts.ADAPTER_DIR,
-            "base_model": str(Path(base).resolve()),
-        }
+    if "adapter" in targets:
+        lora, checks["adapter"] = _export_adapter(recipe, final, work, model_dir, ids)
     artifacts.write_serving_file(
         work,
         served_model_name=recipe.serve.served_model_name or recipe.run.name,
@@ -278,7 +276,12 @@ def _export(
 
     if "onnx" in targets:
         checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, stop_ids)
-    if "hf" not in targets:
+    if "hf" not in targets and "adapter" in targets:
+        # The adapter is served over the base: the merged weights go, what the server reads beside them stays
+        # (tokenizer, chat template, the generation config with every stop token).
+        for weights in model_dir.glob("*.safetensors"):
+            weights.unlink()
+    elif "hf" not in targets:
         shutil.rmtree(model_dir)  # the ONNX folders are self-contained; keep only what was asked for
         (work / artifacts.SERVING_FILE).unlink()
     onnx_summary = ", ".join(
@@ -294,6 +297,53 @@ def _export(
         f"{', ONNX ' + onnx_summary if onnx_summary else ''}){warning}",
         extra={"targets": targets},
     )
+
+
+def _adapter_chain(recipe: Recipe, final: stages.Stage) -> tuple[str | Path, list[adapters.Link]]:
+    """The run's base model, and the adapter of every trained stage from it to `final`, in training order."""
+    chain: list[adapters.Link] = []
+    stage = final
+    while True:
+        base, adapter = artifacts.model_location(stage.folder(recipe))
+        if adapter is None:
+            raise ConfigError(
+                f"the adapter target needs every trained stage to train an adapter, but {stage.name} trained every "
+                "weight: export hf / onnx, or train it with lora or qlora."
+            )
+        chain.insert(0, adapters.Link(stage.name, adapter))
+        if not artifacts.read_manifest(stage.folder(recipe))["model"]["base_inside_artifact"]:
+            return base, chain  # the run's base (the base stage's model, a Hub id or a folder)
+        stage = stages.newest_trained_before(stage, recipe)
+
+
+def _export_adapter(
+    recipe: Recipe, final: stages.Stage, work: Path, merged_dir: Path, ids: list[list[int]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fine-tune as one adapter over the run's base, checked against the merged export: (serving record,
+    checks)."""
+    from peft import PeftModel
+
+    base, chain = _adapter_chain(recipe, final)
+    base_reference = str(Path(base).resolve()) if Path(base).exists() else str(base)
+    record = adapters.stack(chain, base_reference, work / artifacts.ADAPTER_DIR)
+    served = PeftModel.from_pretrained(models.load(base, recipe.model), str(work / artifacts.ADAPTER_DIR)).eval()
+    merged = models.load(merged_dir, recipe.model).eval()
+    difference, scale = _max_logit_difference(merged, served, ids)
+    checks = {**record, "max_abs_logit_diff": difference, "relative_logit_diff": difference / max(scale, 1e-12)}
+    if checks["relative_logit_diff"] > MERGE_TOLERANCE:
+        raise ExportCheckFailed(
+            f"adapter parity failed: the base plus the stacked adapter ({' + '.join(record['stages'])}, rank "
+            f"{record['rank']}) differs from the merged export by {difference:.2e}, {checks['relative_logit_diff']:.1e}"
+            f" of the largest logit (limit {MERGE_TOLERANCE:.0e}); nothing was exported."
+        )
+    lora = {
+        "name": recipe.serve.served_model_name or recipe.run.name,
+        "path": artifacts.ADAPTER_DIR,
+        "base_model": base_reference,
+        "base_hash": adapters.base_weights_hash(base),
+        **record,
+    }
+    return lora, checks
 
 
 def _parity_conversations(held: scoring.HeldOut) -> list[tuple[list[dict], Any]]:
@@ -332,7 +382,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--target",
         dest="targets",
         action="append",
-        choices=("hf", "onnx"),
+        choices=TARGETS,
         help="export target (repeatable; default: export.targets)",
     )
     parser.add_argument(

@@ -68,6 +68,8 @@ def vllm_arguments(
             "admits that many sequences at once, and vLLM must batch the same number."
         )
     model = artifact / serving["model"]
+    # An adapter-only export keeps no merged weights: it is served as the base plus the adapter.
+    use_lora = use_lora or (bool(serving.get("lora")) and not any(model.glob("*.safetensors")))
     arguments = [
         "--model",
         str(model),
@@ -90,11 +92,13 @@ def vllm_arguments(
         lora = serving.get("lora")
         if not lora:
             raise ConfigError(
-                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: set export.adapter_only: true and"
+                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: add adapter to export.targets and"
                 " re-export (only adapter-trained models have one), or serve the merged model without --lora."
             )
         arguments[1] = lora["base_model"]
+        arguments[3] = f"{serving['served_model_name']}-base"  # the adapter takes the run's name: it is the fine-tune
         arguments += ["--enable-lora", "--lora-modules", f"{lora['name']}={artifact / lora['path']}"]
+        arguments += ["--max-lora-rank", str(engines.lora_rank_slot(lora.get("rank", 16)))]
     # The same engine settings evaluation generated with, so the served model answers as the evaluated one did.
     settings = engines.engine_settings(serving["dtype"], on_gpu)
     arguments += ["--dtype", settings.dtype, *(["--enforce-eager"] if settings.enforce_eager else [])]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import dpo, export
-from pipeline.core import artifacts, stages
+from pipeline.core import adapters, artifacts, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
 
@@ -19,9 +19,9 @@ from test_sft import no_pickles, prepare
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """SFT (QLoRA) -> DPO (LoRA) -> export to hf and onnx (fp32, int4) on a small model."""
+    """SFT (QLoRA) -> DPO (LoRA) -> export to hf, onnx (fp32, int4) and one stacked adapter on a small model."""
     tmp_path = tmp_path_factory.mktemp("export")
-    path = dpo_recipe(tmp_path, sft_method="qlora", sections={"export": {"adapter_only": True}})
+    path = dpo_recipe(tmp_path, sft_method="qlora", sections={"export": {"targets": ["hf", "onnx", "adapter"]}})
     recipe = prepare_with_sft(path)
     dpo.run(recipe)
     export.run(recipe)
@@ -42,10 +42,12 @@ def test_hf_export_is_safetensors_with_every_stop_token_and_a_serving_file(expor
     serving = json.loads((out / artifacts.SERVING_FILE).read_text())
     assert serving["max_model_len"] == recipe.data.max_length and serving["stop_token_ids"] == sorted(stops)
     assert serving["served_model_name"] == recipe.run.name and (out / serving["chat_template"]).is_file()
-    assert (
-        serving["lora"]["path"] == artifacts.ADAPTER_DIR
-        and (out / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()
-    )
+    lora = serving["lora"]
+    assert lora["path"] == artifacts.ADAPTER_DIR and (out / artifacts.ADAPTER_DIR / "adapter_config.json").is_file()
+    # One adapter over the run's base, SFT's and DPO's stacked: rank 8 + 8.
+    assert lora["stages"] == ["sft", "dpo"] and lora["rank"] == 16 and lora["stage_ranks"] == [8, 8]
+    assert Path(lora["base_model"]) == (recipe.run_dir / "base").resolve()
+    assert lora["base_hash"] == adapters.base_weights_hash(recipe.run_dir / "base")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is 4 even or odd?"}],
@@ -68,6 +70,31 @@ def test_the_stage_records_its_parity_checks(exported) -> None:
     assert checks["onnx"]["int4"]["prompts"] == checks["onnx"]["fp32"]["prompts"] > 0
     assert checks["template_parity"]["with_tools"] == 0  # the test data declares no tools
     assert checks["tool_call_parser"] == "hermes" and checks["gates"] == "none"
+
+
+def test_the_stacked_adapter_on_the_base_gives_the_merged_exports_logits(exported) -> None:
+    out, _ = exported
+    checks = json.loads((out / artifacts.MANIFEST).read_text())["metrics"]["adapter"]
+    assert checks["relative_logit_diff"] <= export.MERGE_TOLERANCE and checks["rank"] == 16
+
+
+def test_an_adapter_stacked_without_the_stages_scalings_fails_its_parity_check(
+    exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parity check can fail: with each stage's scaling (alpha / r = 2 here) left out of B, the adapter is
+    another model."""
+    _, recipe = exported
+    monkeypatch.setattr(adapters, "_scaling", lambda config: 1.0)
+    ids = [[1, 5, 9, 14, 20]]
+    with pytest.raises(export.ExportCheckFailed, match="adapter parity failed"):
+        export._export_adapter(recipe, stages.DPO, tmp_path, recipe.run_dir / "export" / artifacts.MODEL_DIR, ids)
+
+
+@pytest.mark.parametrize("method", ["full", "dora"])
+def test_the_adapter_target_is_refused_for_a_stage_without_an_exact_adapter(tmp_path: Path, method: str) -> None:
+    path = dpo_recipe(tmp_path, sft_method=method, sections={"export": {"targets": ["adapter"]}})
+    with pytest.raises(ConfigError, match=f"export.targets has adapter, but sft.method is {method}"):
+        load_recipe(path)
 
 
 def test_a_qlora_trained_adapter_merges_into_full_precision_weights(exported) -> None:

@@ -93,6 +93,17 @@ def check_with_modules(recipe: Recipe) -> None:
         rewards.check_name(reward, f"grpo.rewards.{index}")
     models.check_padding_free_attention(recipe)
     scoring.check_evaluate_section(recipe.evaluate, stages.model_names())
+    if "adapter" in recipe.export.targets:
+        for stage in stages.trained_stages():
+            method = stage.section(recipe).method
+            if stage.applies(recipe) and method in ("full", "dora"):
+                raise ConfigError(
+                    f"export.targets has adapter, but {stage.name}.method is {method}: "
+                    + ("full fine-tuning changes every weight, which no low-rank adapter carries"
+                       if method == "full" else "DoRA rescales whole weight columns, which is not a sum of "
+                       "low-rank updates vLLM can apply")
+                    + ". Train with lora or qlora, or export hf / onnx only."
+                )  # fmt: skip
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

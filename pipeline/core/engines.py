@@ -34,6 +34,20 @@ class EngineSettings:
         return asdict(self)
 
 
+# The ranks vLLM's LoRA slots come in (vllm.config.lora.MaxLoRARanks): --max-lora-rank takes one of these.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest LoRA rank slot vLLM offers that holds an adapter of `rank`."""
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ConfigError(
+        f"an adapter of rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}): serve the merged export."
+    )
+
+
 def on_gpu() -> bool:
     import torch
 

@@ -535,12 +535,11 @@ class EvaluateConfig(_Section):
 
 
 class ExportConfig(_Section):
-    targets: list[Literal["hf", "onnx"]] = Field(default_factory=lambda: ["hf", "onnx"])
-    """merged weights for vLLM, ONNX"""
+    targets: list[Literal["hf", "onnx", "adapter"]] = Field(default_factory=lambda: ["hf", "onnx"])
+    """merged weights for vLLM, ONNX, and `adapter`: the whole fine-tune as one LoRA adapter over the run's base
+    model (every trained stage's adapter stacked, rank their sum), for serving many fine-tunes on one base"""
     onnx_precisions: list[Literal["fp32", "int4"]] = Field(default_factory=lambda: ["fp32", "int4"])
     """ONNX variants written"""
-    adapter_only: bool = False
-    """also export the adapter for vLLM's LoRA serving"""
 
 
 class ServeConfig(_Section):
