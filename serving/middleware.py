@@ -124,7 +124,7 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     max_n: int = DEFAULT_MAX_N
     max_tokens: int | None = None  # None: the model length, which vLLM enforces itself
-    model_metadata: dict[str, Any] = field(default_factory=dict)  # shown in /v1/models as each model's `pipeline`
+    model_metadata: dict[str, Any] = field(default_factory=dict)  # model id -> its `pipeline` field in /v1/models
     max_running: int = DEFAULT_MAX_RUNNING
     max_waiting: int = DEFAULT_MAX_WAITING
     header_timeout: float = ServeConfig.model_fields["header_timeout"].default
@@ -533,7 +533,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 def annotate_models(body: bytes, metadata: dict[str, Any]) -> bytes:
-    """A /v1/models answer with `metadata` as each model's `pipeline` field; any other body unchanged."""
+    """A /v1/models answer with each model's entry of `metadata` (by model id) as its `pipeline` field; any other
+    body unchanged."""
     try:
         listing = json.loads(body)
     except ValueError:
@@ -541,8 +542,8 @@ def annotate_models(body: bytes, metadata: dict[str, Any]) -> bytes:
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         return body
     for model in listing["data"]:
-        if isinstance(model, dict):
-            model[MODEL_METADATA_FIELD] = metadata
+        if isinstance(model, dict) and isinstance(metadata.get(model.get("id")), dict):
+            model[MODEL_METADATA_FIELD] = metadata[model["id"]]
     return json.dumps(listing).encode()
 
 

@@ -26,9 +26,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.core import artifacts, cli, engines, stages
+from pipeline.core import adapters, artifacts, cli, engines, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
 from pipeline.core.schema import ServeConfig
@@ -48,14 +50,14 @@ def vllm_arguments(
     serving: dict,
     host: str,
     port: int,
-    use_lora: bool,
+    loras: Sequence[ServedAdapter],
     extra: Sequence[str],
     on_gpu: bool,
     max_tokens: int | None = None,
     max_running: int | None = None,
 ) -> list[str]:
-    """vLLM server arguments for an export: the merged model, or its base plus the LoRA adapter, behind the
-    project's middleware; `max_tokens` caps the answers of requests that do not set their own, `max_running` the
+    """vLLM server arguments for an export: the merged model, or with `loras` its base plus every adapter, behind
+    the project's middleware; `max_tokens` caps the answers of requests that do not set their own, `max_running` the
     sequences vLLM batches (the middleware admits no more)."""
     if any(argument.split("=")[0] == "--api-key" for argument in extra):
         raise ConfigError(
@@ -68,8 +70,6 @@ def vllm_arguments(
             "admits that many sequences at once, and vLLM must batch the same number."
         )
     model = artifact / serving["model"]
-    # An adapter-only export keeps no merged weights: it is served as the base plus the adapter.
-    use_lora = use_lora or (bool(serving.get("lora")) and not any(model.glob("*.safetensors")))
     arguments = [
         "--model",
         str(model),
@@ -88,17 +88,13 @@ def vllm_arguments(
         "--middleware",
         MIDDLEWARE,
     ]
-    if use_lora:
-        lora = serving.get("lora")
-        if not lora:
-            raise ConfigError(
-                f"{artifact / artifacts.SERVING_FILE} describes no adapter export: add adapter to export.targets and"
-                " re-export (only adapter-trained models have one), or serve the merged model without --lora."
-            )
-        arguments[1] = lora["base_model"]
-        arguments[3] = f"{serving['served_model_name']}-base"  # the adapter takes the run's name: it is the fine-tune
-        arguments += ["--enable-lora", "--lora-modules", f"{lora['name']}={artifact / lora['path']}"]
-        arguments += ["--max-lora-rank", str(engines.lora_rank_slot(lora.get("rank", 16)))]
+    if loras:
+        arguments[1] = loras[0].base_model
+        arguments[3] = base_name(serving)  # each adapter takes its run's name: it is the fine-tune
+        arguments += ["--enable-lora", "--lora-modules", *(f"{lora.name}={lora.path}" for lora in loras)]
+        # vLLM keeps a slot per adapter of the largest rank served, on the device and in its CPU cache.
+        arguments += ["--max-lora-rank", str(engines.lora_rank_slot(max(lora.rank for lora in loras)))]
+        arguments += ["--max-loras", str(len(loras)), "--max-cpu-loras", str(len(loras))]
     # The same engine settings evaluation generated with, so the served model answers as the evaluated one did.
     settings = engines.engine_settings(serving["dtype"], on_gpu)
     arguments += ["--dtype", settings.dtype, *(["--enforce-eager"] if settings.enforce_eager else [])]
@@ -119,13 +115,105 @@ def vllm_arguments(
     return arguments + list(extra)
 
 
-def model_metadata(serving: dict) -> dict[str, str]:
-    """What /v1/models shows of the export beside each model (serving.middleware): whether it passed its gates, and
-    the stage it was exported from; exports written before these fields leave them out."""
+@dataclass(frozen=True)
+class ServedAdapter:
+    """One exported adapter a server holds: its model name, folder, rank, base, and what /v1/models says of it."""
+
+    name: str
+    path: Path
+    rank: int
+    base_model: str
+    base_hash: str
+    export: Path
+    record: dict[str, Any]
+
+
+def base_name(serving: dict) -> str:
+    return f"{serving['served_model_name']}-base"
+
+
+def served_adapters(artifact: Path, serving: dict, others: Sequence[Path], use_lora: bool) -> list[ServedAdapter]:
+    """The adapters to serve: the export's own (with --lora, with other adapters, or where the export kept no merged
+    weights) and those of other runs' exports on the same base. Every base is checked against the base on disk by
+    its weights hash, so an adapter is never applied to weights it was not trained on."""
+    has_weights = any((artifact / serving["model"]).glob("*.safetensors"))
+    if not (use_lora or others or (serving.get("lora") and not has_weights)):
+        return []
+    exports = [(artifact, serving)]
+    for folder in others:
+        record = artifacts.read_serving_file(folder)
+        if record is None:
+            raise MissingArtifactError(
+                f"{folder / artifacts.SERVING_FILE} does not exist: an adapter to serve is an export folder written "
+                "with adapter in export.targets."
+            )
+        exports.append((folder, record))
+    served: list[ServedAdapter] = []
+    for folder, record in exports:
+        lora = record.get("lora")
+        if not lora or "base_hash" not in lora:
+            raise ConfigError(
+                f"{folder} holds no adapter export: add adapter to export.targets and re-export it (its stages must "
+                "train adapters), or serve its merged model on a server of its own."
+            )
+        served.append(
+            ServedAdapter(
+                name=lora["name"], path=folder / lora["path"], rank=int(lora["rank"]), base_model=lora["base_model"],
+                base_hash=lora["base_hash"], export=folder, record=adapter_metadata(record),
+            )
+        )  # fmt: skip
+    first = served[0]
+    for adapter in served[1:]:
+        if adapter.base_hash != first.base_hash:
+            raise ConfigError(
+                f"the adapter {adapter.name} ({adapter.export}) was trained on another base than {first.name}: its "
+                f"base is {adapter.base_model} (weights hash {adapter.base_hash[:12]}), {first.name}'s is "
+                f"{first.base_model} ({first.base_hash[:12]}). One server serves adapters of one base: serve it on a "
+                "server of its own."
+            )
+    on_disk = adapters.base_weights_hash(first.base_model)
+    if on_disk != first.base_hash:
+        raise ConfigError(
+            f"the base {first.base_model} is not the one the adapters were trained on (weights hash {on_disk[:12]} now,"
+            f" {first.base_hash[:12]} at export): it changed since. Re-export the adapters, or restore the base."
+        )
+    names = [adapter.name for adapter in served] + [base_name(serving)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"two served models would be named {repeated[0]}: give the runs different serve.served_model_name (or "
+            "run.name) and re-export, so that a client can choose between them."
+        )
+    return served
+
+
+def adapter_metadata(serving: dict) -> dict[str, Any]:
+    """What /v1/models shows of an adapter: its export record (gates, stage, the stages it holds, rank, base)."""
+    lora = serving["lora"]
+    return {
+        **export_metadata(serving),
+        "stages": lora["stages"],
+        "rank": lora["rank"],
+        "base_hash": lora["base_hash"],
+    }
+
+
+def export_metadata(serving: dict) -> dict[str, Any]:
+    """Whether the export passed its gates, and the stage it was exported from; exports written before these fields
+    leave them out."""
     return {key: serving[key] for key in ("gates", "exported_from") if serving.get(key)}
 
 
-def middleware_settings(serve: ServeConfig, serving: dict, api_keys: str | None) -> middleware.Settings:
+def model_metadata(serving: dict, loras: Sequence[ServedAdapter] = ()) -> dict[str, dict[str, Any]]:
+    """What /v1/models shows beside each served model (serving.middleware), by model name."""
+    if not loras:
+        return {serving["served_model_name"]: export_metadata(serving)}
+    return {base_name(serving): {"base_hash": loras[0].base_hash}, **{lora.name: lora.record for lora in loras}}
+
+
+def middleware_settings(
+    serve: ServeConfig, serving: dict, api_keys: str | None, loras: Sequence[ServedAdapter] = ()
+) -> middleware.Settings:
     """What the middleware holds each request to: the recipe's serve section, the export's model length as the
     token limit where the recipe sets none; `api_keys` as the variable holds them (one, or several with commas)."""
     return middleware.Settings(
@@ -133,7 +221,7 @@ def middleware_settings(serve: ServeConfig, serving: dict, api_keys: str | None)
         shutdown_grace=serve.shutdown_grace,
         max_n=serve.max_n,
         max_tokens=serve.max_tokens or serving["max_model_len"],
-        model_metadata=model_metadata(serving),
+        model_metadata=model_metadata(serving, loras),
         max_running=serve.max_running_sequences,
         max_waiting=serve.max_waiting_requests,
         **{name: getattr(serve, name) for name in middleware.CONNECTION_LIMITS},
@@ -156,6 +244,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     )
     parser.add_argument("--lora", action="store_true", help="serve the base model plus the exported LoRA adapter")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="EXPORT",
+        help="another run's adapter export to serve on the same base (repeatable; beside serve.adapters)",
+    )
     args = parser.parse_args(argv)
     cli.configure_output(args.verbose)
     recipe = load_recipe(args.config, args.overrides)
@@ -187,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"(--allow-failed-gates); see {stages.EVAL.folder(recipe) / artifacts.REPORT_FILE}.",
             file=sys.stderr,
         )
-    limits = middleware_settings(serve, serving, args.api_key or os.environ.get(serve.api_key_env))
+    loras = served_adapters(artifact, serving, [*map(Path, serve.adapters), *args.adapter], args.lora)
+    limits = middleware_settings(serve, serving, args.api_key or os.environ.get(serve.api_key_env), loras)
     # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.
@@ -204,16 +301,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         serving,
         serve.host,
         serve.port,
-        args.lora,
+        loras,
         [*serve.extra_args, *extra],
         on_gpu,
         limits.max_tokens,
         limits.max_running,
     )
-    print(
-        f"serving {serving['served_model_name']} from {artifact} on http://{serve.host}:{serve.port}/v1",
-        flush=True,
-    )
+    served = serving["served_model_name"]
+    if loras:
+        served = f"{', '.join(lora.name for lora in loras)} on {base_name(serving)}"
+    print(f"serving {served} from {artifact} on http://{serve.host}:{serve.port}/v1", flush=True)
     run_vllm_server(arguments)
 
 

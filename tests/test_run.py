@@ -73,7 +73,8 @@ def test_failed_gates_stop_before_export_unless_allowed_and_the_export_says_so(t
     serving = artifacts.read_serving_file(recipe.run_dir / "export")
     assert serving["gates"] == "failed"
     # ... and so does the server's model listing (tests/test_serving_middleware.py shows how it reaches /v1/models).
-    assert vllm_server.model_metadata(serving) == {"gates": "failed", "exported_from": "dpo"}
+    listed = vllm_server.model_metadata(serving)[serving["served_model_name"]]
+    assert listed == {"gates": "failed", "exported_from": "dpo"}
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -55,7 +55,7 @@ def test_cpu_hosts_serve_in_the_exports_dtype_eagerly(tmp_path: Path, export_dty
 
     serving = {**SERVING, "dtype": export_dtype}
     arguments = vllm_server.vllm_arguments(
-        tmp_path, serving, "127.0.0.1", 8000, False, ["--no-enforce-eager"], on_gpu=False
+        tmp_path, serving, "127.0.0.1", 8000, (), ["--no-enforce-eager"], on_gpu=False
     )
     assert arguments[arguments.index("--dtype") + 1] == export_dtype
     # extra arguments come last, so vLLM's parser lets them override the eager default
@@ -71,7 +71,7 @@ def test_a_bfloat16_model_is_served_as_it_was_evaluated(tmp_path: Path, gpu: boo
     recipe = load_recipe(write_recipe(tmp_path, [{"path": "x.jsonl"}]), ["model.dtype=bfloat16"])
     evaluated = engines.engine_settings(recipe.model.dtype, gpu)
     serving = {**SERVING, "dtype": recipe.model.dtype}
-    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=gpu)
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, (), [], on_gpu=gpu)
     assert arguments[arguments.index("--dtype") + 1] == evaluated.dtype == "bfloat16"
     assert ("--enforce-eager" in arguments) == evaluated.enforce_eager == (not gpu)
 
@@ -80,12 +80,12 @@ def test_the_server_runs_behind_the_middleware_and_refuses_a_key_for_vllm_alone(
     from serving import vllm_server
 
     serving = SERVING
-    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False, max_tokens=32)
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, (), [], on_gpu=False, max_tokens=32)
     assert arguments[arguments.index("--middleware") + 1] == "serving.middleware.ServingGuard"
     assert json.loads(arguments[arguments.index("--override-generation-config") + 1]) == {"max_new_tokens": 32}
     for extra in (["--api-key", "k"], ["--api-key=k"]):
         with pytest.raises(ConfigError, match="not to vLLM after `--`"):
-            vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, extra, on_gpu=False)
+            vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, (), extra, on_gpu=False)
 
 
 def test_the_server_takes_the_stages_command_line(tmp_path: Path) -> None:
@@ -128,10 +128,10 @@ def test_the_server_takes_the_stages_command_line(tmp_path: Path) -> None:
     assert (settings.max_running, settings.max_waiting) == (12, 5)
     # Several clients, one key each; vLLM batches as many sequences as the middleware admits.
     assert vllm_server.middleware_settings(overridden, SERVING, "a, b,,c").api_keys == ("a", "b", "c")
-    arguments = vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, False, [], on_gpu=False, max_running=12)
+    arguments = vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, (), [], on_gpu=False, max_running=12)
     assert arguments[arguments.index("--max-num-seqs") + 1] == "12"
     with pytest.raises(ConfigError, match="serve.max_running_sequences"):
-        vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, False, ["--max-num-seqs", "4"], on_gpu=False)
+        vllm_server.vllm_arguments(tmp_path, SERVING, "h", 1, (), ["--max-num-seqs", "4"], on_gpu=False)
     with pytest.raises(ConfigError, match="max_running_sequences \\(4\\) is below serve.max_n \\(8\\)"):
         load_recipe(path, ["serve.max_running_sequences=4"])
 
@@ -140,7 +140,7 @@ def test_hermes_calls_are_served_through_the_projects_streaming_parser(tmp_path:
     from serving import vllm_server
 
     serving = {**SERVING, "tool_call_parser": "hermes"}
-    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, False, [], on_gpu=False)
+    arguments = vllm_server.vllm_arguments(tmp_path, serving, "127.0.0.1", 8000, (), [], on_gpu=False)
     assert arguments[arguments.index("--tool-parser-plugin") + 1] == "serving.tool_parser"
     assert arguments[arguments.index("--tool-call-parser") + 1] == vllm_server.WHOLE_CALL_HERMES
 

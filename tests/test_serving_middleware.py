@@ -556,12 +556,12 @@ def models_listing(status_code: int = 200):  # noqa: ANN201 - an ASGI app
 
 
 def test_the_model_listing_says_what_the_export_says_of_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    metadata = {"gates": "failed", "exported_from": "dpo"}
+    metadata = {"tiny": {"gates": "failed", "exported_from": "dpo"}, "tiny-lora": {"gates": "passed", "rank": 16}}
     app, listing = models_listing()
     sent = asyncio.run(call(guard(monkeypatch, app, model_metadata=metadata), "/v1/models", "GET", headers=AUTH))
     answer = json.loads(body(sent))
-    assert [m["pipeline"] for m in answer["data"]] == [metadata, metadata]
     assert [m["id"] for m in answer["data"]] == ["tiny", "tiny-lora"]
+    assert [m["pipeline"] for m in answer["data"]] == [metadata["tiny"], metadata["tiny-lora"]]
     assert dict(sent[0]["headers"])[b"content-length"] == str(len(body(sent))).encode()
     assert [k for k, _ in sent[0]["headers"]].count(b"content-length") == 1
     # Other routes, error answers and a server without metadata pass unchanged.

@@ -554,6 +554,9 @@ class ServeConfig(_Section):
     and the server shares itself fairly between them (max_running_sequences)"""
     extra_args: list[str] = Field(default_factory=list)
     """passed through to vLLM's server"""
+    adapters: list[str] = Field(default_factory=list)
+    """other runs' adapter exports (folders) served beside this run's on the same base, each under its run's name;
+    an adapter of another base is refused at start"""
     shutdown_grace: float = Field(5.0, ge=0)
     """seconds requests in flight may still run after SIGTERM; open streams then end"""
     max_n: int = Field(8, ge=1)
