@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--launch-config", default="accelerate_configs/ddp.yaml", help="train: accelerate config")
     parser.add_argument("--checkpoints-claim", help="train: volume claim for run.output_dir (<run>-checkpoints)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         recipe = load_recipe(args.config, args.overrides)
         config = [args.config, *args.overrides]  # the pods read the recipe as this command did
