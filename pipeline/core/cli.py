@@ -146,19 +146,7 @@ def run_cli(entry: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        _leave_the_process_group()
-
-
-def _leave_the_process_group() -> None:
-    """Tear down a launch's process group before the interpreter exits: left to the exit, gloo's threads could be
-    destroyed while running (ZeRO-3 ranks leaving a stage that was up to date aborted with "terminate called
-    without an active exception")."""
-    if "torch.distributed" not in sys.modules:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        stages.leave_process_group()
 
 
 def stage_main(

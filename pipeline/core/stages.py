@@ -278,12 +278,26 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _wait_for_other_processes() -> None:
-    if "torch.distributed" in sys.modules:
-        import torch.distributed as dist
+def _process_group() -> Any:
+    """torch.distributed where a launch set up a process group in this process, else None."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _wait_for_other_processes() -> None:
+    if (dist := _process_group()) is not None:
+        dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Tear down a launch's process group before the interpreter exits: left to the exit, gloo's threads could be
+    destroyed while running (ZeRO-3 ranks leaving a stage that was up to date aborted with "terminate called
+    without an active exception")."""
+    if (dist := _process_group()) is not None:
+        dist.destroy_process_group()
 
 
 def execute(

@@ -60,17 +60,20 @@ def processes() -> Any:
     return PartialState(cpu=fields.get("use_cpu", False), backend=fields.get("ddp_backend"))
 
 
+def from_everyone(value: Any) -> list[Any]:
+    """Every process's `value`, on every process, in rank order."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    processes()  # the process group, as the trainer will set it up
+    return gather_object([value])
+
+
 def agreed(value: Any) -> Any:
     """The main process's `value`, on every process: where nodes keep their own files, what rank 0 finds decides
     (whether a stage is already done, say), and no node goes its own way."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    processes()
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    return from_everyone(value)[0]
 
 
 def storage_is_shared(folder: Path) -> bool:
@@ -78,8 +81,6 @@ def storage_is_shared(folder: Path) -> bool:
     own checkpoints (and resume from them); only node 0 holds the finished artifact. Decided by looking: the main
     process writes a random token there, and every node reads it back."""
     import secrets
-
-    from accelerate.utils import gather_object
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if local == int(os.environ.get("WORLD_SIZE", "1")):
@@ -94,7 +95,7 @@ def storage_is_shared(folder: Path) -> bool:
         seen = probe.read_text() == token
     except OSError:
         seen = False
-    everyone = gather_object([seen])
+    everyone = from_everyone(seen)
     state.wait_for_everyone()
     if state.is_main_process:
         probe.unlink(missing_ok=True)
@@ -300,15 +301,6 @@ def _is_complete(checkpoint: Path) -> bool:
     return not any(checkpoint.glob("global_step*")) or (checkpoint / "latest").is_file()
 
 
-def _from_everyone(value: Any) -> list[Any]:
-    """Every process's `value`, on every process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return [value]
-    from accelerate.utils import gather_object
-
-    return gather_object([value])
-
-
 def begin_or_resume(
     stage: artifacts.StageRun, *, allow_drift: bool, fresh: bool, shared_storage: bool = True
 ) -> Path | None:
@@ -323,7 +315,7 @@ def begin_or_resume(
         "inputs": {n: artifacts.input_identity(r) for n, r in stage.inputs.items()},
     }
     found = [] if fresh else complete_checkpoints(stage.work_dir)
-    everywhere = set.intersection(*(set(steps) for steps in _from_everyone([_step(c) for c in found])))
+    everywhere = set.intersection(*(set(steps) for steps in from_everyone([_step(c) for c in found])))
     checkpoints = [c for c in found if _step(c) in everywhere]
     problem = ""
     if checkpoints:
@@ -337,7 +329,7 @@ def begin_or_resume(
                 "it started. Resuming would mix two different trainings: rerun with --allow-drift to resume anyway, "
                 "or --fresh to discard the checkpoints and start over."
             )
-    problems = [p for p in _from_everyone(problem) if p]
+    problems = [p for p in from_everyone(problem) if p]
     if problems:
         raise PipelineError(problems[0])  # on every process, so that none waits for the others
     state = processes()
