@@ -140,9 +140,15 @@ def hf_level(
 
 
 async def vllm_level(
-    port: int, prompts: list[list[int]], warmup: list[list[int]], concurrency: int, output_tokens: int
+    port: int,
+    prompts: list[list[int]],
+    warmup: list[list[int]],
+    concurrency: int,
+    output_tokens: int,
+    served: tuple[str, ...] = (SERVED_NAME,),
 ) -> dict[str, float]:
-    """Closed loop: `concurrency` clients, each sending its next request when its last one finished. Tokens are
+    """Closed loop: `concurrency` clients, each sending its next request when its last one finished; request i asks
+    model `served[i % len(served)]`, so requests spread evenly over the served models. Tokens are
     counted from the streamed token ids (`return_token_ids`), not the text: most ids of the random model's
     49,152-entry vocabulary are outside the small tokenizer and decode to nothing.
 
@@ -155,9 +161,11 @@ async def vllm_level(
     url = f"http://127.0.0.1:{port}/v1/completions"
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
-    async def one(session: aiohttp.ClientSession, prompt: list[int], tokens: int) -> tuple[float, float, float, int]:
+    async def one(
+        session: aiohttp.ClientSession, prompt: list[int], tokens: int, model: str
+    ) -> tuple[float, float, float, int]:
         body = {
-            "model": SERVED_NAME,
+            "model": model,
             "prompt": prompt,
             "max_tokens": tokens,
             "temperature": 0,
@@ -201,7 +209,7 @@ async def vllm_level(
         async def worker() -> None:
             while queue:
                 index, prompt = queue.pop(0)
-                results[index] = await one(session, prompt, tokens)
+                results[index] = await one(session, prompt, tokens, served[index % len(served)])
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return results
@@ -217,7 +225,9 @@ async def vllm_level(
     return summarize(sum(n for *_, n in results), seconds, ttft, tpot)
 
 
-def start_server(artifact: Path, config: str, port: int, log_path: Path, compile_graphs: bool) -> subprocess.Popen:
+def start_server(
+    artifact: Path, config: str, port: int, log_path: Path, compile_graphs: bool, options: tuple[str, ...] = ()
+) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
         return subprocess.Popen(
@@ -233,6 +243,7 @@ def start_server(artifact: Path, config: str, port: int, log_path: Path, compile
                 f"serve.port={port}",
                 "--api-key",
                 API_KEY,
+                *options,
                 *(["--", "--no-enforce-eager"] if compile_graphs else []),
             ],
             cwd=REPO,

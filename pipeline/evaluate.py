@@ -24,11 +24,12 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import artifacts, chat, cli, engines, models, report, scoring, stages, tracking
-from pipeline.core.errors import GateFailure, PipelineError
+from pipeline.core import adapters, artifacts, chat, cli, engines, models, report, scoring, stages, tracking
+from pipeline.core.errors import ConfigError, GateFailure, PipelineError
 from pipeline.core.schema import Recipe
 
 STAGE = stages.EVAL
@@ -111,6 +112,34 @@ def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.Eng
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _LoraRoute:
+    """How a server with adapters serves a model: its base, plus the run's stages' adapters stacked into one (None
+    for the base itself)."""
+
+    base: str | Path
+    adapter: Path | None
+    rank: int
+
+
+def _lora_routes(found: dict[str, Path], recipe: Recipe, scratch: Path) -> dict[str, _LoraRoute]:
+    """The LoRA route of each model a server with adapters serves so (evaluate.through_lora): the base, and every
+    model trained as adapters from it. A model trained in full has none: it is served as its own merged weights."""
+    routes: dict[str, _LoraRoute] = {}
+    for name, folder in found.items():
+        stage = stages.get(name)
+        if stage is stages.BASE:
+            routes[name] = _LoraRoute(folder, None, 0)
+            continue
+        try:
+            base, links = adapters.chain(recipe, stage)
+        except ConfigError:
+            continue
+        record = adapters.stack(links, str(base), scratch / f"{name}-adapter")
+        routes[name] = _LoraRoute(base, scratch / f"{name}-adapter", record["rank"])
+    return routes
+
+
 def _evaluate_model(
     folder: Path,
     recipe: Recipe,
@@ -120,8 +149,10 @@ def _evaluate_model(
     settings: engines.EngineSettings,
     scratch: Path,
     shared: _SharedEngine,
+    route: _LoraRoute | None,
+    lora_rank: int,
 ) -> dict[str, Any]:
-    """Generate with one model on every held-out set and score it."""
+    """Generate with one model on every held-out set (through its LoRA route where it has one) and score it."""
     model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
     model = models.load(model_dir, recipe.model, settings.dtype, device="cuda" if engines.on_gpu() else None)
     stop_ids = engines.model_stop_ids(model)
@@ -133,6 +164,9 @@ def _evaluate_model(
             name: engines.hf_generate(model, tokenizer, ids, limit, recipe.evaluate.batch_size, context)
             for name, ids in sets.items()
         }
+    elif route is not None:
+        engine = shared.on(route.base, settings, context, lora_rank)
+        outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids, route.adapter) for name, ids in sets.items()}
     else:
         engine = shared.on(model_dir, settings, context)
         outputs = {name: engine.generate(tokenizer, ids, limit, stop_ids) for name, ids in sets.items()}
@@ -148,8 +182,19 @@ class _SharedEngine:
     def __init__(self) -> None:
         self.engine: engines.VLLMEngine | None = None
 
-    def on(self, model_dir: Path, settings: engines.EngineSettings, context: int) -> engines.VLLMEngine:
-        if self.engine is None or not self.engine.switch_to(model_dir):
+    def on(
+        self, model_dir: Path | str, settings: engines.EngineSettings, context: int, lora_rank: int | None = None
+    ) -> engines.VLLMEngine:
+        """An engine on `model_dir`; with `lora_rank`, one that generates through LoRA adapters over it."""
+        if lora_rank:
+            if self.engine is None or (self.engine.model, self.engine.lora_rank) != (
+                engines.model_reference(model_dir),
+                lora_rank,
+            ):
+                self.close()
+                self.engine = engines.VLLMEngine(model_dir, settings, context, lora_rank)
+            return self.engine
+        if self.engine is None or self.engine.lora_rank or not self.engine.switch_to(model_dir):
             self.close()
             self.engine = engines.VLLMEngine(model_dir, settings, context)
         return self.engine
@@ -186,6 +231,14 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     outputs: dict[str, dict[str, list[str]]] = {}
     reused = []
     shared = _SharedEngine()
+    routes = _lora_routes(found, recipe, scratch) if recipe.evaluate.through_lora else {}
+    if routes and backend != "vllm":
+        raise ConfigError(
+            "evaluate.through_lora generates through vLLM's LoRA path, but the evaluation runs on transformers "
+            f"(evaluate.backend={recipe.evaluate.backend}{', vLLM not installed' if backend != 'vllm' else ''}): "
+            "install the serve-cpu (or serve-gpu) extra and set evaluate.backend to auto or vllm."
+        )
+    lora_rank = engines.lora_rank_slot(max(route.rank for route in routes.values())) if routes else 0
     try:
         for name, folder in found.items():
             key = _cache_key(folder, recipe, backend, settings, data_identity)
@@ -194,7 +247,9 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
             if cached is None:
                 cached = {
                     "key": key,
-                    **_evaluate_model(folder, recipe, held, tokenizer, backend, settings, scratch, shared),
+                    **_evaluate_model(
+                        folder, recipe, held, tokenizer, backend, settings, scratch, shared, routes.get(name), lora_rank
+                    ),
                 }
                 print(f"eval: {name} in {time.time() - started:.0f} s: {scoring.describe(cached['scores'])}")
             else:
@@ -215,7 +270,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     gates = check_gates(recipe.evaluate.gates, results)
     passed = all(g["passed"] for g in gates)
     held.write_predictions(work / artifacts.PREDICTIONS_FILE, outputs)
-    engine = {"backend": backend, **settings.as_dict()}
+    engine = {"backend": backend, **settings.as_dict(), "through_lora": sorted(name for name in routes)}
     summary = {
         "engine": engine,
         "examples": held.sizes(),

@@ -299,23 +299,6 @@ def _export(
     )
 
 
-def _adapter_chain(recipe: Recipe, final: stages.Stage) -> tuple[str | Path, list[adapters.Link]]:
-    """The run's base model, and the adapter of every trained stage from it to `final`, in training order."""
-    chain: list[adapters.Link] = []
-    stage = final
-    while True:
-        base, adapter = artifacts.model_location(stage.folder(recipe))
-        if adapter is None:
-            raise ConfigError(
-                f"the adapter target needs every trained stage to train an adapter, but {stage.name} trained every "
-                "weight: export hf / onnx, or train it with lora or qlora."
-            )
-        chain.insert(0, adapters.Link(stage.name, adapter))
-        if not artifacts.read_manifest(stage.folder(recipe))["model"]["base_inside_artifact"]:
-            return base, chain  # the run's base (the base stage's model, a Hub id or a folder)
-        stage = stages.newest_trained_before(stage, recipe)
-
-
 def _export_adapter(
     recipe: Recipe, final: stages.Stage, work: Path, merged_dir: Path, ids: list[list[int]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -323,7 +306,7 @@ def _export_adapter(
     checks)."""
     from peft import PeftModel
 
-    base, chain = _adapter_chain(recipe, final)
+    base, chain = adapters.chain(recipe, final)
     base_reference = str(Path(base).resolve()) if Path(base).exists() else str(base)
     record = adapters.stack(chain, base_reference, work / artifacts.ADAPTER_DIR)
     served = PeftModel.from_pretrained(models.load(base, recipe.model), str(work / artifacts.ADAPTER_DIR)).eval()

@@ -2,8 +2,10 @@
 
     python -m serving.chat_ui [--config configs/tiny.yaml] [--base-url http://127.0.0.1:8000/v1] [--ui-port 7860]
 
-Answers stream token by token. The model name and the server address default to the recipe's `serve`
-section; the API key to the environment variable it names. Needs the `ui` extra (gradio, openai).
+Answers stream token by token. A menu picks the model among those the server lists (a server with adapters
+serves the base and each fine-tune), each labelled with the stages it holds and its gates. The model first picked
+and the server address default to the recipe's `serve` section; the API key to the environment variable it names.
+Needs the `ui` extra (gradio, openai).
 """
 
 from __future__ import annotations
@@ -32,16 +34,41 @@ def stream_reply(client, model: str, history: list[dict], message: str, max_toke
             yield reply
 
 
+def served_models(client) -> list[tuple[str, str]]:  # noqa: ANN001 - an openai client
+    """(label, model id) of every model the server lists, each labelled with what its export recorded (the stages
+    an adapter holds, whether the gates passed); empty where the server cannot be asked."""
+    import openai
+
+    try:
+        listing = client.models.list().data
+    except openai.OpenAIError as error:
+        print(f"warning: could not list the served models ({error}); only the model given is offered", file=sys.stderr)
+        return []
+    choices = []
+    for model in listing:
+        record = (model.model_extra or {}).get("pipeline") or {}
+        facts = [" + ".join(record["stages"])] if record.get("stages") else []
+        facts += [f"gates {record['gates']}"] if record.get("gates") else []
+        choices.append((f"{model.id} ({'; '.join(facts)})" if facts else model.id, model.id))
+    return choices
+
+
 def build_app(base_url: str, model: str, api_key: str | None, max_tokens: int | None):  # noqa: ANN201 - gradio Blocks
     import gradio as gr
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "none")
+    choices = served_models(client) or [(model, model)]
+    if model not in [value for _, value in choices]:  # the recipe's name, not served here: the server's first
+        model = choices[0][1]
 
-    def respond(message: str, history: list[dict]) -> Iterator[str]:
-        yield from stream_reply(client, model, history, message, max_tokens)
+    def respond(message: str, history: list[dict], chosen: str) -> Iterator[str]:
+        yield from stream_reply(client, chosen, history, message, max_tokens)
 
-    return gr.ChatInterface(respond, title=f"Chat with {model}", description=f"served by vLLM at {base_url}")
+    picker = gr.Dropdown(choices=choices, value=model, label="model", allow_custom_value=True)
+    return gr.ChatInterface(
+        respond, additional_inputs=[picker], title="Chat with the served models", description=f"vLLM at {base_url}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -59,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "http://127.0.0.1:8000/v1 for the shipped recipes)"
         ),
     )
-    parser.add_argument("--model", help="served model name (default: serve.served_model_name or run.name)")
+    parser.add_argument(
+        "--model", help="model picked first (default: serve.served_model_name or run.name, if the server lists it)"
+    )
     parser.add_argument("--ui-host", default="127.0.0.1", help="address the chat page binds to (default: %(default)s)")
     parser.add_argument("--ui-port", type=int, default=7860, help="port of the chat page (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, help="cap on answer tokens (default: what the model length allows)")

@@ -45,6 +45,12 @@ What the export says of the model. `GET /v1/models` lists each model with a `pip
 that the model it talks to was exported past failing evaluation gates (`--allow-failed-gates`). vLLM's model card
 has no field for it; OpenAI clients keep unknown fields (the openai SDK as `model.model_extra["pipeline"]`).
 
+Adapters loaded while serving (`serve.runtime_adapters`). vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter
+need the API key like every route. A load names an adapter export (`lora_path`: the export folder, or its adapter
+folder); its recorded base weights hash must be the served base's, and its rank within the server's slots, else a
+400 naming both bases (or the rank), and the server goes on serving what it served. /v1/models shows a loaded
+adapter's export record, and stops listing an unloaded one.
+
 Every error this middleware answers has OpenAI's shape, as vLLM writes its own:
 `{"error": {"message": ..., "type": ..., "param": ..., "code": <HTTP status>}}`.
 """
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import graphlib
 import hashlib
 import hmac
@@ -65,12 +72,15 @@ import signal
 import statistics
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import TypeAdapter, ValidationError
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.schema import ServeConfig
+from serving import adapter_exports
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -99,6 +109,9 @@ MAX_N_VARIABLE = "PIPELINE_SERVE_MAX_N"
 MAX_TOKENS_VARIABLE = "PIPELINE_SERVE_MAX_TOKENS"
 MODEL_METADATA_VARIABLE = "PIPELINE_SERVE_MODEL_METADATA"
 MODELS_PATH = "/v1/models"
+RUNTIME_ADAPTERS_VARIABLE = "PIPELINE_SERVE_RUNTIME_ADAPTERS"
+LOAD_ADAPTER_PATH = "/v1/load_lora_adapter"  # vLLM's routes, attached where runtime LoRA updating is allowed
+UNLOAD_ADAPTER_PATH = "/v1/unload_lora_adapter"
 MODEL_METADATA_FIELD = "pipeline"
 TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # vLLM's own limit on a structured-output schema's nesting (MAX_STRUCTURED_OUTPUT_JSON_NESTING), held to tool schemas.
@@ -119,6 +132,17 @@ logger = logging.getLogger("uvicorn.error")  # the logger uvicorn prints to the 
 
 
 @dataclass(frozen=True)
+class RuntimeAdapters:
+    """What an adapter loaded while serving is checked against: the served base (its weights hash, as adapter
+    exports record it) and the rank of the server's LoRA slots."""
+
+    base_model: str
+    base_hash: str
+    served_as: str  # the base's model name on this server
+    rank_slot: int
+
+
+@dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...] = ()  # none: every route open
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
@@ -132,6 +156,7 @@ class Settings:
     max_header_bytes: int = ServeConfig.model_fields["max_header_bytes"].default
     max_body_bytes: int = ServeConfig.model_fields["max_body_bytes"].default
     max_connections: int = ServeConfig.model_fields["max_connections"].default
+    runtime_adapters: RuntimeAdapters | None = None  # None: adapters are not loaded while serving
 
     def environment(self) -> dict[str, str]:
         """The variables `from_environment` reads back in the server process."""
@@ -148,6 +173,8 @@ class Settings:
             variables[MAX_TOKENS_VARIABLE] = str(self.max_tokens)
         if self.model_metadata:
             variables[MODEL_METADATA_VARIABLE] = json.dumps(self.model_metadata)
+        if self.runtime_adapters is not None:
+            variables[RUNTIME_ADAPTERS_VARIABLE] = json.dumps(dataclasses.asdict(self.runtime_adapters))
         return variables
 
     @classmethod
@@ -156,7 +183,9 @@ class Settings:
         # that replaces os.environ (as some libraries' environment patching does) leaves behind.
         environ = os.environ if environ is None else environ
         max_tokens = environ.get(MAX_TOKENS_VARIABLE)
+        runtime = environ.get(RUNTIME_ADAPTERS_VARIABLE)
         return cls(
+            runtime_adapters=RuntimeAdapters(**json.loads(runtime)) if runtime else None,
             api_keys=tuple(json.loads(environ.get(API_KEYS_VARIABLE) or "[]")),
             shutdown_grace=float(environ.get(GRACE_VARIABLE, DEFAULT_SHUTDOWN_GRACE)),
             max_n=int(environ.get(MAX_N_VARIABLE, DEFAULT_MAX_N)),
@@ -426,6 +455,31 @@ def _json_type(value: Any) -> str:
     if isinstance(value, int | float):
         return "a number"
     return {str: "a string", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def adapter_load(payload: dict[str, Any], runtime: RuntimeAdapters) -> tuple[dict[str, Any] | None, str | None]:
+    """A load of an adapter while serving, as vLLM is to read it, and what /v1/models is to show of it; or None and
+    why it is refused. `lora_path` names an adapter export (the export folder or its adapter folder): vLLM gets the
+    adapter folder, and `lora_name` defaults to the export's run. An export of another base, or of a rank above the
+    server's slots, is refused: vLLM would apply the adapter to weights it was not trained on, or fail with a 500."""
+    path = payload.get("lora_path")
+    if not isinstance(path, str) or not path:
+        return payload, None  # vLLM's own 400 names the missing field
+    try:
+        adapter = adapter_exports.read(adapter_exports.export_folder(Path(path)))
+    except (PipelineError, OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"lora_path {path!r} is not an adapter export the server can check: {error}"
+    refusal = adapter_exports.other_base(adapter, runtime.base_model, runtime.base_hash, runtime.served_as)
+    if refusal:
+        return None, refusal[0].upper() + refusal[1:]
+    if adapter.rank > runtime.rank_slot:
+        return None, (
+            f"The adapter {adapter.name} has rank {adapter.rank}, above this server's LoRA slots ({runtime.rank_slot}):"
+            f" restart the server with serve.max_adapter_rank={adapter.rank} or more."
+        )
+    loaded = {**payload, "lora_path": str(adapter.path)}
+    loaded.setdefault("lora_name", adapter.name)
+    return {**loaded, MODEL_METADATA_FIELD: adapter.record}, None
 
 
 @dataclass(frozen=True)
@@ -793,6 +847,7 @@ class ServingGuard:
         self.app = app
         self.settings = Settings.from_environment()
         self._keys = [_digest(key) for key in self.settings.api_keys]
+        self._model_metadata = dict(self.settings.model_metadata)  # adapters loaded while serving add theirs
         self._admission = Admission(self.settings.max_running, self.settings.max_waiting, len(self._keys))
         self._running: set[asyncio.Future] = set()  # the app's handling of each request in flight
         self._cut_off: set[asyncio.Future] = set()  # those cancelled because the grace period ran out
@@ -848,6 +903,8 @@ class ServingGuard:
         checked = check_body(body, self.settings)
         if checked.problem:
             return await send_error(send, 400, checked.problem[0], "BadRequestError", checked.problem[1])
+        if self.settings.runtime_adapters is not None and _route(scope) in (LOAD_ADAPTER_PATH, UNLOAD_ADAPTER_PATH):
+            return await self._change_adapters(scope, receive, send, checked.body)
         if not await self._admission.enter(client, checked.sequences):
             if self._draining:
                 return await self._refuse_draining(send)
@@ -865,6 +922,39 @@ class ServingGuard:
             await self._run(_with_length(scope, len(checked.body)), _replay(checked.body, receive), send)
         finally:
             self._admission.leave(client, checked.sequences, asyncio.get_running_loop().time() - began)
+
+    async def _change_adapters(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Load or unload an adapter (vLLM's routes), loads checked against the served base, and /v1/models' records
+        kept in step. Outside the admission: nothing is generated. Requests in flight on an adapter being unloaded
+        finish on it (vLLM drops only the name); later ones get vLLM's 404."""
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return await self._run(scope, receive, send)  # vLLM answers what it cannot read
+        record = None
+        if _route(scope) == LOAD_ADAPTER_PATH:
+            loaded, refusal = adapter_load(payload, self.settings.runtime_adapters)
+            if refusal:
+                return await send_error(send, 400, refusal, "BadRequestError", "lora_path")
+            record = loaded.pop(MODEL_METADATA_FIELD, None)
+            body = json.dumps(loaded).encode()
+            payload = loaded
+        status: list[int] = []
+
+        async def noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self._run(_with_length(scope, len(body)), _replay(body, receive), noting_status)
+        name = payload.get("lora_name")
+        if status == [200] and isinstance(name, str):
+            if record is None:
+                self._model_metadata.pop(name, None)
+            else:
+                self._model_metadata[name] = record
 
     @staticmethod
     async def _refuse_draining(send: Send) -> None:
@@ -893,8 +983,8 @@ class ServingGuard:
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _Response(_relative_redirects(send))
         app_send = _refusing_failed_streams(response.send)
-        if self.settings.model_metadata and scope["method"] == "GET" and _route(scope) == MODELS_PATH:
-            app_send = _annotating_models(response.send, self.settings.model_metadata)
+        if self._model_metadata and scope["method"] == "GET" and _route(scope) == MODELS_PATH:
+            app_send = _annotating_models(response.send, self._model_metadata)
         # The app runs as a task of its own, so that the end of the grace period can cancel it and this request
         # still answers; a cancellation of the request itself reaches the app through the await.
         handling = asyncio.ensure_future(self.app(scope, receive, app_send))

@@ -34,7 +34,8 @@ from pipeline.core import adapters, artifacts, cli, engines, stages
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import ConfigError, MissingArtifactError
 from pipeline.core.schema import ServeConfig
-from serving import middleware
+from serving import adapter_exports, middleware
+from serving.adapter_exports import ServedAdapter
 
 MIDDLEWARE = "serving.middleware.ServingGuard"
 TOOL_PARSER_PLUGIN = "serving.tool_parser"
@@ -42,6 +43,8 @@ WHOLE_CALL_HERMES = (  # the parser serving/tool_parser.py registers (the name l
     "pipeline_hermes"
 )
 CHILD_EXIT_SECONDS = 30
+RUNTIME_ROOM = 4  # adapter slots beyond those served at start, where adapters may be loaded while serving
+RUNTIME_LORA_VARIABLE = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's: attaches /v1/load_lora_adapter and unload
 FORWARDED_ALLOW_VARIABLE = "FORWARDED_ALLOW_IPS"  # uvicorn's: the peers whose forwarding headers it believes
 
 
@@ -53,6 +56,7 @@ def vllm_arguments(
     loras: Sequence[ServedAdapter],
     extra: Sequence[str],
     on_gpu: bool,
+    slots: LoraSlots | None = None,
     max_tokens: int | None = None,
     max_running: int | None = None,
 ) -> list[str]:
@@ -92,9 +96,10 @@ def vllm_arguments(
         arguments[1] = loras[0].base_model
         arguments[3] = base_name(serving)  # each adapter takes its run's name: it is the fine-tune
         arguments += ["--enable-lora", "--lora-modules", *(f"{lora.name}={lora.path}" for lora in loras)]
-        # vLLM keeps a slot per adapter of the largest rank served, on the device and in its CPU cache.
-        arguments += ["--max-lora-rank", str(engines.lora_rank_slot(max(lora.rank for lora in loras)))]
-        arguments += ["--max-loras", str(len(loras)), "--max-cpu-loras", str(len(loras))]
+        # vLLM keeps a slot per adapter of the largest rank it may hold, on the device and in its CPU cache.
+        slots = slots or LoraSlots.of(loras)
+        arguments += ["--max-lora-rank", str(slots.rank), "--max-loras", str(slots.count)]
+        arguments += ["--max-cpu-loras", str(slots.count)]
     # The same engine settings evaluation generated with, so the served model answers as the evaluated one did.
     settings = engines.engine_settings(serving["dtype"], on_gpu)
     arguments += ["--dtype", settings.dtype, *(["--enforce-eager"] if settings.enforce_eager else [])]
@@ -116,16 +121,21 @@ def vllm_arguments(
 
 
 @dataclass(frozen=True)
-class ServedAdapter:
-    """One exported adapter a server holds: its model name, folder, rank, base, and what /v1/models says of it."""
+class LoraSlots:
+    """How many adapters vLLM holds at once, and the rank of each slot (vLLM's sizes)."""
 
-    name: str
-    path: Path
+    count: int
     rank: int
-    base_model: str
-    base_hash: str
-    export: Path
-    record: dict[str, Any]
+
+    @classmethod
+    def of(cls, loras: Sequence[ServedAdapter], serve: ServeConfig | None = None) -> LoraSlots:
+        """Slots for the adapters served at start; with serve.runtime_adapters, room for more (serve.max_adapters,
+        serve.max_adapter_rank)."""
+        count, rank = len(loras), max(lora.rank for lora in loras)
+        if serve is not None:
+            room = count + RUNTIME_ROOM if serve.runtime_adapters else count
+            count, rank = max(count, serve.max_adapters or room), max(rank, serve.max_adapter_rank or 0)
+        return cls(count, engines.lora_rank_slot(rank))
 
 
 def base_name(serving: dict) -> str:
@@ -133,44 +143,18 @@ def base_name(serving: dict) -> str:
 
 
 def served_adapters(artifact: Path, serving: dict, others: Sequence[Path], use_lora: bool) -> list[ServedAdapter]:
-    """The adapters to serve: the export's own (with --lora, with other adapters, or where the export kept no merged
-    weights) and those of other runs' exports on the same base. Every base is checked against the base on disk by
-    its weights hash, so an adapter is never applied to weights it was not trained on."""
+    """The adapters to serve: the export's own (with --lora or serve.runtime_adapters, with other adapters, or where
+    the export kept no merged weights) and those of other runs' exports on the same base. Every base is checked
+    against the base on disk by its weights hash, so an adapter is never applied to weights it was not trained on."""
     has_weights = any((artifact / serving["model"]).glob("*.safetensors"))
     if not (use_lora or others or (serving.get("lora") and not has_weights)):
         return []
-    exports = [(artifact, serving)]
-    for folder in others:
-        record = artifacts.read_serving_file(folder)
-        if record is None:
-            raise MissingArtifactError(
-                f"{folder / artifacts.SERVING_FILE} does not exist: an adapter to serve is an export folder written "
-                "with adapter in export.targets."
-            )
-        exports.append((folder, record))
-    served: list[ServedAdapter] = []
-    for folder, record in exports:
-        lora = record.get("lora")
-        if not lora or "base_hash" not in lora:
-            raise ConfigError(
-                f"{folder} holds no adapter export: add adapter to export.targets and re-export it (its stages must "
-                "train adapters), or serve its merged model on a server of its own."
-            )
-        served.append(
-            ServedAdapter(
-                name=lora["name"], path=folder / lora["path"], rank=int(lora["rank"]), base_model=lora["base_model"],
-                base_hash=lora["base_hash"], export=folder, record=adapter_metadata(record),
-            )
-        )  # fmt: skip
+    served = [adapter_exports.read(artifact, serving), *map(adapter_exports.read, others)]
     first = served[0]
     for adapter in served[1:]:
-        if adapter.base_hash != first.base_hash:
-            raise ConfigError(
-                f"the adapter {adapter.name} ({adapter.export}) was trained on another base than {first.name}: its "
-                f"base is {adapter.base_model} (weights hash {adapter.base_hash[:12]}), {first.name}'s is "
-                f"{first.base_model} ({first.base_hash[:12]}). One server serves adapters of one base: serve it on a "
-                "server of its own."
-            )
+        refusal = adapter_exports.other_base(adapter, first.base_model, first.base_hash, first.name)
+        if refusal:
+            raise ConfigError(refusal)
     on_disk = adapters.base_weights_hash(first.base_model)
     if on_disk != first.base_hash:
         raise ConfigError(
@@ -187,36 +171,29 @@ def served_adapters(artifact: Path, serving: dict, others: Sequence[Path], use_l
     return served
 
 
-def adapter_metadata(serving: dict) -> dict[str, Any]:
-    """What /v1/models shows of an adapter: its export record (gates, stage, the stages it holds, rank, base)."""
-    lora = serving["lora"]
-    return {
-        **export_metadata(serving),
-        "stages": lora["stages"],
-        "rank": lora["rank"],
-        "base_hash": lora["base_hash"],
-    }
-
-
-def export_metadata(serving: dict) -> dict[str, Any]:
-    """Whether the export passed its gates, and the stage it was exported from; exports written before these fields
-    leave them out."""
-    return {key: serving[key] for key in ("gates", "exported_from") if serving.get(key)}
-
-
 def model_metadata(serving: dict, loras: Sequence[ServedAdapter] = ()) -> dict[str, dict[str, Any]]:
     """What /v1/models shows beside each served model (serving.middleware), by model name."""
     if not loras:
-        return {serving["served_model_name"]: export_metadata(serving)}
+        return {serving["served_model_name"]: adapter_exports.export_metadata(serving)}
     return {base_name(serving): {"base_hash": loras[0].base_hash}, **{lora.name: lora.record for lora in loras}}
 
 
 def middleware_settings(
-    serve: ServeConfig, serving: dict, api_keys: str | None, loras: Sequence[ServedAdapter] = ()
+    serve: ServeConfig,
+    serving: dict,
+    api_keys: str | None,
+    loras: Sequence[ServedAdapter] = (),
+    slots: LoraSlots | None = None,
 ) -> middleware.Settings:
     """What the middleware holds each request to: the recipe's serve section, the export's model length as the
-    token limit where the recipe sets none; `api_keys` as the variable holds them (one, or several with commas)."""
+    token limit where the recipe sets none; `api_keys` as the variable holds them (one, or several with commas);
+    with serve.runtime_adapters, the base and slot rank an adapter loaded while serving is checked against."""
+    runtime = None
+    if serve.runtime_adapters and loras and slots:
+        first = loras[0]
+        runtime = middleware.RuntimeAdapters(first.base_model, first.base_hash, base_name(serving), slots.rank)
     return middleware.Settings(
+        runtime_adapters=runtime,
         api_keys=middleware.parse_api_keys(api_keys),
         shutdown_grace=serve.shutdown_grace,
         max_n=serve.max_n,
@@ -252,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="EXPORT",
         help="another run's adapter export to serve on the same base (repeatable; beside serve.adapters)",
     )
+    parser.add_argument(
+        "--runtime-adapters",
+        action="store_true",
+        help="allow loading and unloading adapters while serving (serve.runtime_adapters)",
+    )
     args = parser.parse_args(argv)
     cli.configure_output(args.verbose)
     recipe = load_recipe(args.config, args.overrides)
@@ -283,8 +265,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"(--allow-failed-gates); see {stages.EVAL.folder(recipe) / artifacts.REPORT_FILE}.",
             file=sys.stderr,
         )
-    loras = served_adapters(artifact, serving, [*map(Path, serve.adapters), *args.adapter], args.lora)
-    limits = middleware_settings(serve, serving, args.api_key or os.environ.get(serve.api_key_env), loras)
+    if args.runtime_adapters:
+        serve = serve.model_copy(update={"runtime_adapters": True})
+    others = [*map(Path, serve.adapters), *args.adapter]
+    loras = served_adapters(artifact, serving, others, args.lora or serve.runtime_adapters)
+    slots = LoraSlots.of(loras, serve) if loras else None
+    api_keys = args.api_key or os.environ.get(serve.api_key_env)
+    limits = middleware_settings(serve, serving, api_keys, loras, slots)
+    if serve.runtime_adapters:
+        if not limits.api_keys:
+            print(
+                "warning: serve.runtime_adapters without an API key lets anyone who reaches the server load adapters "
+                f"from this machine's disk; set {serve.api_key_env}.",
+                file=sys.stderr,
+            )
+        os.environ[RUNTIME_LORA_VARIABLE] = "1"
     # vLLM runs the middleware in this process (or its children): the environment carries its settings there.
     os.environ.update(limits.environment())
     # vLLM's own limit on n, for routes whose bodies the middleware does not read.
@@ -304,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loras,
         [*serve.extra_args, *extra],
         on_gpu,
+        slots,
         limits.max_tokens,
         limits.max_running,
     )

@@ -584,7 +584,9 @@ def test_chat_ui_streams_the_servers_answer_headless(server) -> None:
     try:
         server_process.wait_healthy(port, ui, timeout=120, route="/")
         question = "What kind of thing is falcon?"
-        answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(question, api_name="/respond")
+        answer = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            question, server["name"], api_name="/respond"
+        )
         expected = (
             server["client"]
             .chat.completions.create(

@@ -154,3 +154,25 @@ def test_without_a_vector_isa_vllm_runs_its_helpers_uncompiled(monkeypatch: pyte
 
     assert engines.compiler_vectorizes() == bool(valid_vec_isa_list())
     assert ("TORCH_COMPILE_DISABLE" in engines.vllm_environment(gpu=False)) != engines.compiler_vectorizes()
+
+
+def test_lora_slots_hold_the_adapters_served_and_room_for_those_loaded_while_serving(tmp_path: Path) -> None:
+    from pipeline.core.schema import ServeConfig
+    from serving import vllm_server
+    from serving.adapter_exports import ServedAdapter
+
+    def adapter(name: str, rank: int) -> ServedAdapter:
+        return ServedAdapter(name, tmp_path / name, rank, "/base", "h", tmp_path, {})
+
+    served = [adapter("a", 24), adapter("b", 8)]
+    assert vllm_server.LoraSlots.of(served) == vllm_server.LoraSlots(2, 32)  # rank 24 takes vLLM's slot of 32
+    runtime = ServeConfig(runtime_adapters=True)
+    assert vllm_server.LoraSlots.of(served, runtime) == vllm_server.LoraSlots(2 + vllm_server.RUNTIME_ROOM, 32)
+    sized = ServeConfig(runtime_adapters=True, max_adapters=3, max_adapter_rank=100)
+    assert vllm_server.LoraSlots.of(served, sized) == vllm_server.LoraSlots(3, 128)
+    arguments = vllm_server.vllm_arguments(
+        tmp_path, SERVING, "h", 1, served, [], on_gpu=False, slots=vllm_server.LoraSlots.of(served, sized)
+    )
+    assert arguments[arguments.index("--max-loras") + 1] == arguments[arguments.index("--max-cpu-loras") + 1] == "3"
+    assert arguments[arguments.index("--max-lora-rank") + 1] == "128"
+    assert arguments[arguments.index("--lora-modules") + 1 :][:2] == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]

@@ -686,3 +686,48 @@ def test_a_request_that_leaves_while_waiting_gives_up_its_place(monkeypatch: pyt
     first, after = asyncio.run(scenario())
     assert status(first) == 200 and status(after) == 200 and "start /leaving" not in log
     assert app._admission.running == {} and app._admission.waiting == {}
+
+
+def adapter_export(folder, base_hash: str = "b" * 64, rank: int = 16) -> None:  # noqa: ANN001 - a Path
+    (folder / "adapter").mkdir(parents=True)
+    lora = {"name": "run-b", "path": "adapter", "base_model": "/models/base", "base_hash": base_hash, "rank": rank,
+            "stages": ["sft"]}  # fmt: skip
+    (folder / "serving.json").write_text(json.dumps({"lora": lora, "gates": "passed", "exported_from": "sft"}))
+
+
+RUNTIME = middleware.RuntimeAdapters(
+    base_model="/models/base", base_hash="b" * 64, served_as="run-a-base", rank_slot=16
+)
+
+
+def test_an_adapter_loaded_while_serving_is_read_from_its_export_and_checked_against_the_base(tmp_path) -> None:
+    adapter_export(tmp_path / "b")
+    for named in (tmp_path / "b", tmp_path / "b" / "adapter"):  # the export folder, or its adapter folder
+        loaded, refusal = middleware.adapter_load({"lora_path": str(named)}, RUNTIME)
+        assert refusal is None and loaded["lora_path"] == str((tmp_path / "b" / "adapter").resolve())
+        assert loaded["lora_name"] == "run-b" and loaded["pipeline"]["stages"] == ["sft"]
+    assert (
+        middleware.adapter_load({"lora_path": str(tmp_path / "b"), "lora_name": "mine"}, RUNTIME)[0]["lora_name"]
+        == "mine"
+    )
+
+    adapter_export(tmp_path / "other", base_hash="c" * 64)
+    _, refusal = middleware.adapter_load({"lora_path": str(tmp_path / "other")}, RUNTIME)
+    assert "another base" in refusal and "c" * 12 in refusal and "b" * 12 in refusal and "run-a-base" in refusal
+
+    adapter_export(tmp_path / "wide", rank=64)
+    _, refusal = middleware.adapter_load({"lora_path": str(tmp_path / "wide")}, RUNTIME)
+    assert "rank 64" in refusal and "serve.max_adapter_rank=64" in refusal
+
+    _, refusal = middleware.adapter_load({"lora_path": str(tmp_path)}, RUNTIME)
+    assert "not an adapter export" in refusal and "serving.json does not exist" in refusal
+    assert middleware.adapter_load({"lora_name": "x"}, RUNTIME) == (
+        {"lora_name": "x"},
+        None,
+    )  # vLLM names what is missing
+
+
+def test_runtime_adapter_settings_travel_in_the_environment() -> None:
+    settings = middleware.Settings(runtime_adapters=RUNTIME)
+    assert middleware.Settings.from_environment(settings.environment()).runtime_adapters == RUNTIME
+    assert middleware.Settings.from_environment(middleware.Settings().environment()).runtime_adapters is None

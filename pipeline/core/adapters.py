@@ -13,10 +13,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.core import artifacts
-from pipeline.core.errors import PipelineError
+from pipeline.core import artifacts, stages
+from pipeline.core.errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.core.schema import Recipe
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -30,6 +33,24 @@ class Link:
 
     stage: str
     adapter: Path
+
+
+def chain(recipe: Recipe, final: stages.Stage) -> tuple[str | Path, list[Link]]:
+    """The run's base model, and the adapter of every trained stage from it to `final`, in training order; a
+    ConfigError naming the stage where one trained every weight (no adapter reaches back to the base then)."""
+    links: list[Link] = []
+    stage = final
+    while True:
+        base, adapter = artifacts.model_location(stage.folder(recipe))
+        if adapter is None:
+            raise ConfigError(
+                f"an adapter over the run's base needs every trained stage to train an adapter, but {stage.name} "
+                "trained every weight: use merged weights (export hf / onnx), or train it with lora or qlora."
+            )
+        links.insert(0, Link(stage.name, adapter))
+        if not artifacts.read_manifest(stage.folder(recipe))["model"]["base_inside_artifact"]:
+            return base, links  # the run's base (the base stage's model, a Hub id or a folder)
+        stage = stages.newest_trained_before(stage, recipe)
 
 
 def _scaling(config: dict[str, Any]) -> float:

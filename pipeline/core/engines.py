@@ -200,23 +200,45 @@ class VLLMEngine:
     if the engines pick different tokens.
     """
 
-    def __init__(self, model_dir: Path, settings: EngineSettings, context_length: int) -> None:
+    def __init__(
+        self, model_dir: Path | str, settings: EngineSettings, context_length: int, lora_rank: int | None = None
+    ) -> None:
+        """`lora_rank`: generate through vLLM's LoRA path, as a server with adapters does, with slots of that rank."""
         apply_vllm_environment(on_gpu())
         from vllm import LLM
 
         self.context_length = context_length
-        self.architecture = _architecture(model_dir)
+        self.model = model_reference(model_dir)
+        self.architecture = _architecture(model_dir) if Path(model_dir).is_dir() else {"hub": str(model_dir)}
+        self.lora_rank = lora_rank
+        self._adapter_ids: dict[str, int] = {}
+        lora = {"enable_lora": True, "max_lora_rank": lora_rank, "max_loras": 1, "max_cpu_loras": 1}
         self.llm = LLM(
             model=str(model_dir),
             dtype=settings.dtype,
             enforce_eager=settings.enforce_eager,
             max_model_len=context_length,
             seed=0,
+            **(lora if lora_rank else {}),
         )
 
-    def generate(self, tokenizer: Any, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
+    def generate(
+        self,
+        tokenizer: Any,
+        ids: list[list[int]],
+        max_new_tokens: int,
+        stop_ids: list[int],
+        adapter: Path | None = None,
+    ) -> list[str]:
+        """Greedy answers to `ids`; with `adapter` (an engine made with lora_rank), through that LoRA adapter."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        request = None
+        if adapter is not None:
+            number = self._adapter_ids.setdefault(str(adapter), len(self._adapter_ids) + 1)
+            request = LoRARequest(f"adapter-{number}", number, str(adapter))
 
         budgets = [new_token_budget(len(row), max_new_tokens, self.context_length) for row in ids]
         answerable = [(row, budget) for row, budget in zip(ids, budgets) if budget > 0]
@@ -225,7 +247,12 @@ class VLLMEngine:
             for _, budget in answerable
         ]
         outputs = iter(
-            self.llm.generate([TokensPrompt(prompt_token_ids=row) for row, _ in answerable], params, use_tqdm=False)
+            self.llm.generate(
+                [TokensPrompt(prompt_token_ids=row) for row, _ in answerable],
+                params,
+                use_tqdm=False,
+                lora_request=request,
+            )  # fmt: skip
         )
         # A prompt that fills the context gets no answer, here as in serving (vLLM takes no max_tokens of 0).
         return [
@@ -246,6 +273,11 @@ class VLLMEngine:
 
     def close(self) -> None:
         del self.llm
+
+
+def model_reference(model: Path | str) -> str:
+    """One spelling of a model: a folder's resolved path, or a Hub id as given."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else str(model)
 
 
 def _architecture(model_dir: Path) -> dict[str, Any]:

@@ -530,6 +530,10 @@ class EvaluateConfig(_Section):
     """prompts per generation batch (transformers backend)"""
     max_examples: int | None = Field(None, ge=1)
     """evaluate on the first N held-out examples only"""
+    through_lora: bool = False
+    """generate as a server with adapters does (export target `adapter`): each model trained as adapters through
+    vLLM's LoRA path, the run's base plus its stages' adapters stacked into one; the base and models trained in full
+    as their own weights. Needs the vLLM backend; likelihood scores still come from the merged weights"""
     gates: dict[str, float] = Field(default_factory=dict)
     """"dpo.exact_match": 0.6, "dpo-sft.exact_match": -0.02, "dpo-sft.exact_match@data/tools.jsonl": -0.15"""
 
@@ -557,6 +561,15 @@ class ServeConfig(_Section):
     adapters: list[str] = Field(default_factory=list)
     """other runs' adapter exports (folders) served beside this run's on the same base, each under its run's name;
     an adapter of another base is refused at start"""
+    runtime_adapters: bool = False
+    """allow loading adapter exports while serving (POST /v1/load_lora_adapter {"lora_path": EXPORT}) and unloading
+    them (/v1/unload_lora_adapter), behind the API key; an adapter of another base gets a 400 naming both"""
+    max_adapters: int | None = Field(None, ge=1)
+    """adapters vLLM holds at once (its --max-loras and --max-cpu-loras); None: those served at start, 4 more with
+    runtime_adapters"""
+    max_adapter_rank: int | None = Field(None, ge=1)
+    """largest adapter rank the server takes (vLLM's --max-lora-rank, rounded up to its sizes); None: the largest
+    served at start. An adapter of a larger rank loaded while serving gets a 400"""
     shutdown_grace: float = Field(5.0, ge=0)
     """seconds requests in flight may still run after SIGTERM; open streams then end"""
     max_n: int = Field(8, ge=1)
