@@ -15,7 +15,7 @@ from pipeline.core.config import load_recipe
 from conftest import REPO
 from test_dpo import dpo_recipe
 
-pytestmark = pytest.mark.slow  # about 6 minutes together: two vLLM servers, four launches, ONNX builds
+pytestmark = pytest.mark.slow  # about 7 minutes together: four vLLM servers, four launches, ONNX builds
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,7 @@ def run_benchmark(name: str, *args: str) -> str:
     [
         ("onnx_vs_torch.py", "Llama 2 layers (smoke), random weights"),
         ("serving.py", "concurrency   2"),
+        ("multi_adapter.py", "multi-adapter: 1 adapter counts against one merged server"),
         ("scaling.py", "scaling: 2 processes reach"),
         ("sft_throughput.py", "ratio pipeline / bare TRL"),
         ("seed_spread.py", "runs passed every gate"),
