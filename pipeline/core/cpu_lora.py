@@ -31,11 +31,30 @@ def _matrices(weights: Any) -> Any:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
+# Batches up to this many tokens with several adapters (decode steps) multiply by every slot's matrices at once and
+# keep each token's own block: a few large products instead of several small ones per adapter, whose per-call cost
+# dominated decoding (the extra arithmetic, slots x rank x width a token, is small beside the layer's own). Longer
+# batches (prefill) take one product per adapter over its tokens.
+ALL_SLOTS_TOKENS = 256
+
+
+def _slot_mask(indices: Any, slots: int, dtype: Any) -> Any:
+    """[tokens, slots, 1]: 1 at each token's adapter slot, 0 elsewhere (everywhere for tokens without one)."""
+    import torch
+
+    return (indices.unsqueeze(1) == torch.arange(slots, device=indices.device)).to(dtype).unsqueeze(2)
+
+
 def bgmv_shrink(inputs: Any, lora_a_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0):
     """output[t, :rank] = scaling * A[slot(t)] x[t] (zero for tokens without an adapter)."""
     weights = _matrices(lora_a_weights)
-    rank = weights.shape[1]
+    slots, rank = weights.shape[0], weights.shape[1]
     segments = _segments(lora_indices_tensor)
+    if len(segments) > 1 and inputs.shape[0] <= ALL_SLOTS_TOKENS:
+        every = inputs.to(output_tensor.dtype) @ weights.reshape(slots * rank, -1).to(output_tensor.dtype).T
+        mask = _slot_mask(lora_indices_tensor, slots, output_tensor.dtype)
+        output_tensor[:, :rank] = scaling * (every.view(-1, slots, rank) * mask).sum(dim=1)
+        return
     if not (len(segments) == 1 and isinstance(segments[0][1], slice)):
         output_tensor[:, :rank] = 0
     for slot, rows in segments:
@@ -56,7 +75,18 @@ def bgmv_expand_slice(
     weights = _matrices(lora_b_weights)
     width = min(slice_size, weights.shape[1])
     columns = slice(slice_offset, slice_offset + width)
-    for slot, rows in _segments(lora_indices_tensor):
+    segments = _segments(lora_indices_tensor)
+    if len(segments) > 1 and inputs.shape[0] <= ALL_SLOTS_TOKENS:
+        slots, rank = weights.shape[0], weights.shape[2]
+        mask = _slot_mask(lora_indices_tensor, slots, output_tensor.dtype)
+        blocks = (inputs.to(output_tensor.dtype)[:, None, :rank] * mask).reshape(-1, slots * rank)
+        stacked = weights[:, :width].transpose(1, 2).reshape(slots * rank, width).to(output_tensor.dtype)
+        if add_inputs:
+            output_tensor[:, columns] += blocks @ stacked
+        else:
+            output_tensor[:, columns] = blocks @ stacked
+        return
+    for slot, rows in segments:
         product = inputs[rows].to(output_tensor.dtype) @ weights[slot, :width].to(output_tensor.dtype).T
         if add_inputs:
             output_tensor[rows, columns] += product
