@@ -1,16 +1,19 @@
-"""vLLM's LoRA kernels on CPU hosts, grouped by adapter: a vLLM plugin (the `vllm.general_plugins` entry point in
-pyproject.toml), loaded by every vLLM process, the server's and the evaluation engine's alike.
+"""vLLM's LoRA kernels on CPU hosts: a vLLM plugin (the `vllm.general_plugins` entry point in pyproject.toml),
+loaded by every vLLM process, the server's and the evaluation engine's alike.
 
 vLLM's CPU path (vllm.lora.ops.torch_ops, used by PunicaWrapperCPU) gathers every token's adapter matrices
 (`weights[indices]`, a copy of rank x width per token) and multiplies token by token: prefilling 2,048 tokens through
-one 576 -> 1,536 projection at rank 16 took 85 ms there against 3.7 ms for one matrix product per adapter (measured
-on 2 cores, bfloat16), and the 135M model served 0.17x the tokens/s of its merged weights. It also reads a token
+one 576 -> 1,536 projection at rank 16 took 85 ms there against 3.7 ms for one matrix product (measured on 2 cores,
+bfloat16), and the 135M model served 0.17x the tokens/s of its merged weights over 4 adapters. It also reads a token
 without an adapter (index -1: a request to the base model) as one of the last slot's adapter, so a base request
-batched with adapter requests was answered by an adapter. Here each adapter present in the batch gets one matrix
-product over its tokens, and tokens without an adapter are left as the base model computed them, as vLLM's GPU
-kernels leave them. And the logits: vLLM indexes them by request, which fails (the engine dies) where a batch
-of several requests asks for prompt log-probabilities (a row per prompt token); adapters that leave the output
-layer alone (every adapter this project exports) add nothing there, and are skipped.
+batched with adapter requests was answered by an adapter; and it indexes the logits by request, which fails (the
+engine dies) where a batch of several requests asks for prompt log-probabilities (a row per prompt token).
+
+Here a batch with one adapter gets one product per projection; a batch with several multiplies by every slot's
+matrices at once and keeps each token's own block (no gathers or scatters, which were a fifth of a prefill step;
+the extra arithmetic, slots x rank x width a token, is small beside the layer's own); tokens without an adapter are
+left as the base model computed them, as vLLM's GPU kernels leave them; the products run in the activations' dtype;
+and the output layer, which no adapter this project exports adapts, is skipped where no adapter adapts it.
 """
 
 from __future__ import annotations
@@ -18,24 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def _segments(indices: Any) -> list[tuple[int, Any]]:
-    """(adapter slot, the rows of its tokens: a slice where they are all the rows) for each slot in `indices`;
-    tokens without an adapter (-1) left out."""
+def _one_slot(indices: Any) -> int | None:
+    """The adapter slot every token of the batch has (-1: none has one), or None where they differ."""
     first = int(indices[0]) if indices.shape[0] else -1
-    if not indices.shape[0] or bool((indices == first).all()):  # one adapter (or none) for the whole batch
-        return [] if first < 0 else [(first, slice(None))]
-    return [(slot, (indices == slot).nonzero().squeeze(1)) for slot in indices.unique().tolist() if slot >= 0]
+    return first if not indices.shape[0] or bool((indices == first).all()) else None
 
 
 def _matrices(weights: Any) -> Any:
     return weights.squeeze(1) if weights.dim() == 4 else weights
-
-
-# Batches up to this many tokens with several adapters (decode steps) multiply by every slot's matrices at once and
-# keep each token's own block: a few large products instead of several small ones per adapter, whose per-call cost
-# dominated decoding (the extra arithmetic, slots x rank x width a token, is small beside the layer's own). Longer
-# batches (prefill) take one product per adapter over its tokens.
-ALL_SLOTS_TOKENS = 256
 
 
 def _slot_mask(indices: Any, slots: int, dtype: Any) -> Any:
@@ -45,21 +38,28 @@ def _slot_mask(indices: Any, slots: int, dtype: Any) -> Any:
     return (indices.unsqueeze(1) == torch.arange(slots, device=indices.device)).to(dtype).unsqueeze(2)
 
 
+def _compute_dtype(inputs: Any, weights: Any) -> Any:
+    """The dtype the products run in: the activations' where the weights share it (bfloat16 serving multiplies in
+    bfloat16, accumulating in float32 inside the kernel), else the weights'. Converting every call's activations
+    to the float32 buffer's dtype was a copy of the whole batch per projection."""
+    return inputs.dtype if inputs.dtype == weights.dtype else weights.dtype
+
+
 def bgmv_shrink(inputs: Any, lora_a_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0):
     """output[t, :rank] = scaling * A[slot(t)] x[t] (zero for tokens without an adapter)."""
     weights = _matrices(lora_a_weights)
     slots, rank = weights.shape[0], weights.shape[1]
-    segments = _segments(lora_indices_tensor)
-    if len(segments) > 1 and inputs.shape[0] <= ALL_SLOTS_TOKENS:
-        every = inputs.to(output_tensor.dtype) @ weights.reshape(slots * rank, -1).to(output_tensor.dtype).T
-        mask = _slot_mask(lora_indices_tensor, slots, output_tensor.dtype)
+    dtype = _compute_dtype(inputs, weights)
+    inputs = inputs.to(dtype)
+    slot = _one_slot(lora_indices_tensor)
+    if slot is None:
+        every = inputs @ weights.reshape(slots * rank, -1).to(dtype).T
+        mask = _slot_mask(lora_indices_tensor, slots, dtype)
         output_tensor[:, :rank] = scaling * (every.view(-1, slots, rank) * mask).sum(dim=1)
-        return
-    if not (len(segments) == 1 and isinstance(segments[0][1], slice)):
+    elif slot < 0:
         output_tensor[:, :rank] = 0
-    for slot, rows in segments:
-        product = inputs[rows].to(output_tensor.dtype) @ weights[slot].to(output_tensor.dtype).T
-        output_tensor[rows, :rank] = scaling * product
+    else:
+        output_tensor[:, :rank] = scaling * (inputs @ weights[slot].to(dtype).T)
 
 
 def bgmv_expand_slice(
@@ -73,25 +73,22 @@ def bgmv_expand_slice(
 ):
     """output[t, offset:offset+size] (+)= B[slot(t)] x[t] for tokens with an adapter."""
     weights = _matrices(lora_b_weights)
-    width = min(slice_size, weights.shape[1])
-    columns = slice(slice_offset, slice_offset + width)
-    segments = _segments(lora_indices_tensor)
-    if len(segments) > 1 and inputs.shape[0] <= ALL_SLOTS_TOKENS:
-        slots, rank = weights.shape[0], weights.shape[2]
-        mask = _slot_mask(lora_indices_tensor, slots, output_tensor.dtype)
-        blocks = (inputs.to(output_tensor.dtype)[:, None, :rank] * mask).reshape(-1, slots * rank)
-        stacked = weights[:, :width].transpose(1, 2).reshape(slots * rank, width).to(output_tensor.dtype)
-        if add_inputs:
-            output_tensor[:, columns] += blocks @ stacked
-        else:
-            output_tensor[:, columns] = blocks @ stacked
+    slots, width, rank = weights.shape[0], min(slice_size, weights.shape[1]), weights.shape[2]
+    dtype = output_tensor.dtype
+    inputs = inputs.to(dtype)  # the rank-wide buffer: small
+    slot = _one_slot(lora_indices_tensor)
+    if slot is not None and slot < 0:
         return
-    for slot, rows in segments:
-        product = inputs[rows].to(output_tensor.dtype) @ weights[slot, :width].to(output_tensor.dtype).T
-        if add_inputs:
-            output_tensor[rows, columns] += product
-        else:
-            output_tensor[rows, columns] = product
+    if slot is None:
+        inputs = (inputs[:, None, :rank] * _slot_mask(lora_indices_tensor, slots, dtype)).reshape(-1, slots * rank)
+        matrix = weights[:, :width].transpose(1, 2).reshape(slots * rank, width).to(dtype)
+    else:
+        matrix = weights[slot, :width].to(dtype).T
+    target = output_tensor[:, slice_offset : slice_offset + width]
+    if add_inputs:
+        target.addmm_(inputs, matrix)  # accumulated in place: one pass over the output
+    else:
+        target.copy_(inputs @ matrix)
 
 
 def bgmv_expand(
@@ -100,6 +97,38 @@ def bgmv_expand(
     """output[t, :width] (+)= B[slot(t)] x[t], the width the adapter and the output share (they pad differently)."""
     width = min(_matrices(lora_b_weights).shape[1], output_tensor.shape[1])
     bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, width, add_inputs)
+
+
+_EXPLODED: dict[str, Any] = {"key": None, "value": None}
+
+
+def _token_indices(lora_indices_tensor: Any, seq_len_tensor: Any) -> Any:
+    """Each prefill token's adapter slot, from the batch's runs of tokens with one adapter. vLLM recomputed it with
+    `repeat_interleave` in every call (0.35 ms each, a seventh of a LoRA step's time); the runs are the same for
+    every layer of a step, so it is computed once per step (the runs' values are the key: a few numbers)."""
+    import torch
+
+    key = (tuple(lora_indices_tensor.tolist()), tuple(seq_len_tensor.tolist()))
+    if _EXPLODED["key"] != key:
+        _EXPLODED["key"], _EXPLODED["value"] = key, torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+    return _EXPLODED["value"]
+
+
+def sgmv_shrink(inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, scaling):  # fmt: skip  # noqa: ANN001, ANN201 - vLLM's signature
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, _token_indices(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                batches, max_seq_length, token_nums, add_inputs=False):  # fmt: skip  # noqa: ANN001, ANN201
+    indices = _token_indices(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
+
+
+def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor,
+                      batches, max_seq_length, token_nums, slice_offset, slice_size, add_inputs=False):  # fmt: skip  # noqa: ANN001, ANN201
+    indices = _token_indices(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
 
 
 def add_lora_logits(self: Any, y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, scale: float, **_: Any):
@@ -130,7 +159,8 @@ def register() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    # lora_ops' sgmv_* (prefill) call its bgmv_* by name; PunicaWrapperCPU imported the bgmv_* (decode) itself.
+    # PunicaWrapperCPU imported the ops by name (sgmv_* for prefill, bgmv_* for decode).
     for module in (lora_ops, punica_cpu):
         module.bgmv_shrink, module.bgmv_expand, module.bgmv_expand_slice = bgmv_shrink, bgmv_expand, bgmv_expand_slice
+        module.sgmv_shrink, module.sgmv_expand, module.sgmv_expand_slice = sgmv_shrink, sgmv_expand, sgmv_expand_slice
     punica_cpu.PunicaWrapperCPU.add_lora_logits = add_lora_logits
