@@ -1,6 +1,6 @@
-"""The grouped LoRA kernels vLLM runs on CPU hosts (pipeline/core/cpu_lora.py) against the definition, token by token:
-each token gets its own adapter's update, a token without an adapter (-1) none, in one- and many-adapter batches of one token,
-a decode step and a prefill."""
+"""The grouped LoRA kernels vLLM runs on CPU hosts (pipeline/core/cpu_lora.py) against the definition, token by
+token: each token gets its own adapter's update, a token without an adapter (-1) none, in one- and many-adapter
+batches of one token, a decode step and a prefill."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
         )
     manifest = json.loads((eval_dir / artifacts.MANIFEST).read_text())
     assert set(manifest["inputs"]) == {"data", "base", "sft"} and manifest["metrics"]["backend"] == "hf"
-    assert metrics["engine"] == {"backend": "hf", "dtype": "float32", "enforce_eager": True}
+    assert metrics["engine"] == {"backend": "hf", "dtype": "float32", "enforce_eager": True, "through_lora": []}
 
 
 def test_a_contained_answer_is_whole_words_ignoring_case() -> None:
