@@ -1,7 +1,8 @@
 """Serve the exported model with vLLM's OpenAI-compatible server, configured from the export's serving.json.
 
     python -m serving.vllm_server [--config configs/tiny.yaml] [--artifact checkpoints/<run>/export]
-                                  [--api-key KEY] [--lora] [KEY=VALUE ...] [-- extra vLLM arguments]
+                                  [--api-key KEY] [--lora] [--adapter EXPORT ...] [--runtime-adapters]
+                                  [KEY=VALUE ...] [-- extra vLLM arguments]
 
 The command line is every stage's: the recipe, then dotted overrides of its keys, so a run trained with
 overrides is served with the same ones (`python -m serving.vllm_server run.name=x data.max_length=256`). The `serve`
@@ -16,6 +17,9 @@ tokens from the model's `generation_config.json` (vLLM reads it), so the server 
 the model to. The API key comes from the environment variable named by `serve.api_key_env` (or --api-key,
 which shows it in the process list; several keys separated by commas, one per client); it reaches the middleware
 in its environment, never on vLLM's command line.
+With adapter exports (`--adapter`, serve.adapters, or `--lora` for the export's own) the server serves the base
+as `<run>-base` and each adapter under its run's name; `--runtime-adapters` (serve.runtime_adapters) also lets
+clients load and unload adapter exports while it serves (serving.middleware checks each against the base).
 Needs vLLM: the `serve-cpu` extra on CPU hosts, `serve-gpu` on CUDA hosts.
 """
 
