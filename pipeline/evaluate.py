@@ -235,7 +235,8 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     if routes and backend != "vllm":
         raise ConfigError(
             "evaluate.through_lora generates through vLLM's LoRA path, but the evaluation runs on transformers "
-            f"(evaluate.backend={recipe.evaluate.backend}{', vLLM not installed' if backend != 'vllm' else ''}): "
+            f"(evaluate.backend={recipe.evaluate.backend}"
+            f"{', and vLLM is not installed' if recipe.evaluate.backend == 'auto' else ''}): "
             "install the serve-cpu (or serve-gpu) extra and set evaluate.backend to auto or vllm."
         )
     lora_rank = engines.lora_rank_slot(max(route.rank for route in routes.values())) if routes else 0

@@ -21,7 +21,10 @@ def reference(x, a, b, indices, scaling: float, y) -> torch.Tensor:  # noqa: ANN
 
 
 # What vLLM hands the kernels: activations and adapter weights in the model's dtype, a float32 rank-wide buffer.
-# bfloat16 keeps 8 bits of mantissa: its products agree with float64 to about 1% of their size.
+# Measured here, largest |error| / (|reference| + 1) over these cases: float32 8.2e-7 natively, 1.1e-6 with
+# ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=SSE41 and MKL_CBWR=COMPATIBLE forced together (each alone:
+# 8.2e-7 to 9.0e-7); bfloat16 1.08e-2 in every family (its 8-bit mantissa, not the kernels). Allowed: float32 about
+# 10x that, bfloat16 2x (bfloat16's rounding is the dtype's, the same on every CPU).
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
 
 
