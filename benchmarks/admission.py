@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serving import server_process  # noqa: E402 - after the repository is on the path
+from pipeline.core import server_process  # noqa: E402 - after the repository is on the path
 
 KEYS = ("a", "b")
 QUESTION = "Is 3 even or odd?"

@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.serving import SERVED_NAME, start_server, vllm_level, write_artifact  # noqa: E402
-from pipeline.core import models  # noqa: E402
-from serving import server_process  # noqa: E402
+from pipeline.core import models, server_process  # noqa: E402
 
 MEMORY_GOAL = 1.25  # 8 adapters on one server against one merged server
 THROUGHPUT_GOAL = 0.7  # 4 adapters at concurrency 32 against one merged model

@@ -40,8 +40,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_sft import flops_per_token, matmul_peak  # noqa: E402
 
-from pipeline.core import artifacts, models, stages  # noqa: E402
-from serving import server_process  # noqa: E402
+from pipeline.core import (  # noqa: E402
+    artifacts,
+    models,
+    server_process,  # noqa: E402
+    stages,
+)
 
 QWEN2 = {
     "model_type": "qwen2",

@@ -58,8 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.core import models  # noqa: E402
-from serving import server_process  # noqa: E402
+from pipeline.core import models, server_process  # noqa: E402
 
 SERVED_NAME = "llama-135m-random"
 API_KEY = "serving-benchmark"  # set explicitly, so a PIPELINE_API_KEY in the environment changes nothing

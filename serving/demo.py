@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 
 from pipeline import evaluate
-from pipeline.core import artifacts, chat, report, scoring, stages
+from pipeline.core import artifacts, chat, report, scoring, server_process, stages
 from pipeline.core.cli import DEFAULT_CONFIG, run_cli
 from pipeline.core.config import load_recipe
 from pipeline.core.errors import PipelineError
-from serving import middleware, server_process
+from serving import middleware
 
 COLUMNS = ["exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "perplexity"]
 

@@ -8,7 +8,7 @@ The API keys. vLLM checks its key only on paths under /v1 (and a few other prefi
 keys on every HTTP request and WebSocket (`Authorization: Bearer <key>`, compared in constant time) before vLLM sees
 it. Two kinds of request stay open, and only these:
 
-- `GET /health`: load balancers, orchestrators' probes and `serving.server_process.wait_healthy` ask it without
+- `GET /health`: load balancers, orchestrators' probes and `pipeline.core.server_process.wait_healthy` ask it without
   credentials. It answers 200 or 503 (engine dead, or the server draining) and nothing else: no model, no
   request, no metric.
 - CORS preflights (`OPTIONS` with `Origin` and `Access-Control-Request-Method`): browsers never attach credentials

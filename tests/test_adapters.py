@@ -17,9 +17,9 @@ import pytest
 from openai import OpenAI
 
 from pipeline import base, data, dpo, evaluate, export, sft
-from pipeline.core import artifacts, chat, scoring
+from pipeline.core import artifacts, chat, scoring, server_process
 from pipeline.core.config import load_recipe
-from serving import chat_ui, server_process
+from serving import chat_ui
 
 from conftest import REPO
 

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from serving import http_protocol, middleware, server_process
+from pipeline.core import server_process
+from serving import http_protocol, middleware
 
 from conftest import REPO
 

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from pipeline import kubernetes
-from pipeline.core import artifacts
-from serving import server_process
+from pipeline.core import artifacts, server_process
 
 from conftest import REPO
 from test_distributed import two_stage_recipe

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import run
-from pipeline.core import artifacts, stages
+from pipeline.core import artifacts, server_process, stages
 from pipeline.core.config import load_recipe
-from serving import server_process
 
 MEMORY_LIMIT_MB = 16 * 1024  # the bound: the machine has 24 GiB
 
