@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import artifacts, chat, engines, scoring
-from serving import middleware, server_process
+from pipeline.core import artifacts, chat, engines, scoring, server_process
+from serving import middleware
 
 from conftest import REPO
 
@@ -1018,3 +1018,114 @@ def test_sigterm_drains_the_streams_then_exits_0_with_nothing_left_behind(
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert "nanobind" not in (tmp_path / "server.log").read_text(errors="replace")  # shutdown noise, issue #21
+
+
+# ------------------------------------------------------------------------------------------ LlamaIndex as a client
+# The forced fixture's server, through LlamaIndex's OpenAI-compatible LLM class; its address and key come from
+# forced["client"] (an openai.OpenAI).
+
+LLAMA_INDEX_ANSWER = "It is sunny in Oslo today."
+LLAMA_INDEX_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+LLAMA_INDEX_QUESTION = "What is the weather in Oslo?"
+
+
+def forced_ids(forced: dict, text: str) -> list[int]:
+    """The training tokenizer's ids of `text` and the stop id: what the model is made to write."""
+    return forced["tokenizer"](text, add_special_tokens=False)["input_ids"] + [forced["stop_ids"][-1]]
+
+
+def forcing(token_ids: list[int], **extra_body) -> dict:
+    """The keyword LlamaIndex's OpenAI LLMs pass through to `chat.completions.create` for a request's extra body."""
+    return {"extra_body": {"vllm_xargs": {"forced_token_ids": token_ids}, **extra_body}}
+
+
+def llama_index_llm(forced: dict, max_tokens: int):  # noqa: ANN201 - a llama_index OpenAILike
+    """The served model as LlamaIndex's OpenAI-compatible LLM. The context window is given, so LlamaIndex never asks
+    tiktoken (which would download its encodings) for one; max_tokens is set, so it never counts prompt tokens."""
+    openai_like = pytest.importorskip("llama_index.llms.openai_like")
+    client = forced["client"]
+    return openai_like.OpenAILike(
+        model=forced["name"],
+        api_base=str(client.base_url),
+        api_key=client.api_key,
+        is_chat_model=True,
+        is_function_calling_model=True,
+        context_window=forced["max_model_len"],
+        max_tokens=max_tokens,  # LlamaIndex sends this one whatever a call passes
+        temperature=0,
+        max_retries=0,
+    )
+
+
+def weather_tool(calls: list[str]):  # noqa: ANN201 - a llama_index FunctionTool
+    """get_weather as the model learned it (make_data.TOOL_SCHEMAS), a function that records each city it gets."""
+    from llama_index.core.tools import FunctionTool
+
+    def get_weather(city: str) -> str:
+        calls.append(city)
+        return "foggy"
+
+    schema = next(t["function"] for t in make_data.TOOL_SCHEMAS if t["function"]["name"] == "get_weather")
+    return FunctionTool.from_defaults(fn=get_weather, name=schema["name"], description=schema["description"])
+
+
+def test_llama_index_chat_and_stream_chat_get_the_served_reply(forced: dict) -> None:
+    from llama_index.core.llms import ChatMessage
+
+    token_ids = forced_ids(forced, LLAMA_INDEX_ANSWER)
+    expected, calls = chat.served_reply(engines.decode_answer(forced["tokenizer"], token_ids, forced["stop_ids"]))
+    assert expected and not calls
+    llm = llama_index_llm(forced, len(token_ids))
+    messages = [ChatMessage(role="user", content=LLAMA_INDEX_QUESTION)]
+    reply = llm.chat(messages, **forcing(token_ids))
+    assert reply.message.content.strip() == expected
+    assert reply.raw.choices[0].finish_reason == "stop"
+    chunks = list(llm.stream_chat(messages, **forcing(token_ids)))
+    deltas = [chunk.delta for chunk in chunks if chunk.delta]
+    assert len(deltas) > 1  # streamed in pieces, not one piece at the end
+    assert "".join(deltas) == reply.message.content == chunks[-1].message.content
+
+
+def test_llama_index_predict_and_call_calls_the_function_the_model_named(forced: dict) -> None:
+    calls: list[str] = []
+    token_ids = forced_ids(forced, LLAMA_INDEX_CALL)
+    llm = llama_index_llm(forced, len(token_ids))
+    out = llm.predict_and_call(
+        [weather_tool(calls)], LLAMA_INDEX_QUESTION, error_on_tool_error=True, **forcing(token_ids)
+    )
+    assert calls == ["Oslo"]
+    assert out.response == "foggy"
+    assert [(s.tool_name, s.raw_output, s.is_error) for s in out.sources] == [("get_weather", "foggy", False)]
+
+
+def test_llama_index_tool_result_goes_back_to_the_model(forced: dict) -> None:
+    """The loop an agent runs: the call as LlamaIndex reads it, the function's result sent back in a tool message
+    (LlamaIndex's own conversion of the conversation), and the answer after it."""
+    from llama_index.core.llms import ChatMessage
+    from llama_index.core.tools.calling import call_tool_with_selection
+
+    calls: list[str] = []
+    tool = weather_tool(calls)
+    call_ids = forced_ids(forced, LLAMA_INDEX_CALL)
+    llm = llama_index_llm(forced, len(call_ids))
+    history = [ChatMessage(role="user", content=LLAMA_INDEX_QUESTION)]
+    reply = llm.chat_with_tools([tool], chat_history=history, **forcing(call_ids))
+    assert reply.raw.choices[0].finish_reason == "tool_calls"
+    (selection,) = llm.get_tool_calls_from_response(reply)
+    assert (selection.tool_name, selection.tool_kwargs) == ("get_weather", {"city": "Oslo"}) and selection.tool_id
+    result = call_tool_with_selection(selection, [tool])
+    assert calls == ["Oslo"] and result.content == "foggy" and not result.is_error
+    history += [
+        reply.message,
+        ChatMessage(role="tool", content=result.content, additional_kwargs={"tool_call_id": selection.tool_id}),
+    ]
+    answer_ids = forced_ids(forced, "foggy")
+    final = llama_index_llm(forced, len(answer_ids)).chat_with_tools(
+        [tool], chat_history=history, **forcing(answer_ids, return_token_ids=True)
+    )
+    assert final.message.content.strip() == "foggy" and not llm.get_tool_calls_from_response(
+        final, error_on_no_tool_call=False
+    )
+    # What the server rendered for the model: the call and, after it, the function's result.
+    prompt = forced["tokenizer"].decode(final.raw.model_extra["prompt_token_ids"])
+    assert prompt.index('"city": "Oslo"') < prompt.rindex("foggy"), prompt
