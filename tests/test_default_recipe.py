@@ -119,11 +119,40 @@ def test_a_rerun_skips_everything_and_a_gate_change_reuses_every_model(
     recipe, overrides = default_pipeline["recipe"], default_pipeline["overrides"]
     rows = run.run(recipe, overrides)
     assert {r["status"] for r in rows} == {"skipped"}
-    changed = [*overrides, "evaluate.gates={sft-base.exact_match: 0.51}"]
+    changed = [*overrides, "evaluate.gates={sft-base.exact_match: 0.51, dpo.harness.heldout_preferences.acc: 0.5}"]
     capsys.readouterr()
     evaluate.run(load_recipe("configs/tiny.yaml", changed))
     out = capsys.readouterr().out
     assert out.count("results reused") == 3 and "eval: base in" not in out
+    assert "benchmarks in" not in out  # no server started: the benchmarks are cached with the models
+    summary = metrics(default_pipeline)
+    assert summary["harness"]["reused"] == ["base", "sft", "dpo"]
+    assert [(g["gate"], g["passed"]) for g in summary["gates"]] == [
+        ("sft-base.exact_match", True),
+        ("dpo.harness.heldout_preferences.acc", True),
+    ]
+
+
+def test_benchmarks_through_the_served_model_agree_with_the_stage(default_pipeline: dict) -> None:
+    """The default recipe's evaluate.harness: lm-eval through the project's server started on each model scores the
+    held-out rows as the stage scores them. Every rendered row tokenizes back to the stage's ids. The pairs'
+    log-likelihoods come from vLLM, the stage's from HF, both float32 (measured: equal accuracy for every model, in
+    four runs). The answers come from the server's batches, the stage's from its offline engine: they differed on
+    0-5 (SFT) and 0-8 (DPO) of 247, every one an answer after a tool result, where the tiny model guesses among
+    weather and time words whose logits nearly tie; exact match moved by 1 and 3 rows. Bounds: 2% of the answers'
+    exact match (2.5x the largest move), one pair of the accuracy."""
+    summary = metrics(default_pipeline)
+    rows = summary["harness"]["heldout_rows"]
+    assert rows["answers"] == rows["answers_round_trip"] > 100 and rows["pairs"] == rows["pairs_round_trip"] > 100
+    for name, result in summary["models"].items():
+        answers, pairs = result["harness"]["heldout_answers"], result["harness"]["heldout_preferences"]
+        assert answers["samples"] == rows["answers"] and pairs["samples"] == rows["pairs"], name
+        assert answers["exact_match"]["value"] == pytest.approx(result["exact_match"], abs=0.02), name
+        assert pairs["acc"]["value"] == pytest.approx(result["preference_accuracy"], abs=1 / rows["pairs"] + 1e-9), name
+        assert 0 < pairs["acc"]["stderr"] < 0.1, name
+    report = (default_pipeline["recipe"].run_dir / "eval" / artifacts.REPORT_FILE).read_text()
+    assert "## Benchmarks (lm-evaluation-harness)" in report
+    assert "| heldout_answers | exact_match |" in report and "| heldout_preferences | acc |" in report
 
 
 def test_vllm_and_hf_give_the_same_greedy_answers(default_pipeline: dict) -> None:

@@ -50,6 +50,7 @@ PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_FILE = "report.md"
 METRICS_PLOT = "metrics.png"
 EVAL_CACHE_DIR = "models"  # one JSON per model: its results and the key they were measured under
+HARNESS_DIR = "harness"  # the held-out rows as the shipped lm-eval tasks read them
 # export/
 SERVING_FILE = "serving.json"
 ONNX_DIR = "onnx"

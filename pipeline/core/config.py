@@ -1,6 +1,7 @@
 """Reading a recipe: one YAML per run, dotted command-line overrides, every rule checked before any work starts.
 
-Precedence is defaults < YAML < command line. The schema (`pipeline.core.schema`) refuses unknown keys (naming the
+Precedence is defaults < YAML < command line; a YAML with `extends: OTHER.yaml` is OTHER's keys with its own
+merged over them. The schema (`pipeline.core.schema`) refuses unknown keys (naming the
 nearest valid ones), wrong types (naming the expected type) and contradictions within the recipe; the rules that
 need another module's knowledge are applied here, from that module: attention implementations and padding-free
 micro-batches (models), reward names (rewards), launch configs (launch), metric and gate names (scoring, stages).
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import launch, models, rewards, scoring, stages
+from pipeline.core import harness, launch, models, rewards, scoring, stages
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import Recipe, build_recipe
 
@@ -93,6 +94,7 @@ def check_with_modules(recipe: Recipe) -> None:
         rewards.check_name(reward, f"grpo.rewards.{index}")
     models.check_padding_free_attention(recipe)
     scoring.check_evaluate_section(recipe.evaluate, stages.model_names())
+    harness.check_section(recipe.evaluate)
     if "adapter" in recipe.export.targets:
         for stage in stages.trained_stages():
             method = stage.section(recipe).method
@@ -106,15 +108,13 @@ def check_with_modules(recipe: Recipe) -> None:
                 )  # fmt: skip
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe, apply dotted overrides, check every key, type and cross-setting rule."""
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(str(p) for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-        hint = f" Shipped recipes: {', '.join(shipped)}." if shipped else ""
-        raise ConfigError(f"recipe {path} does not exist.{hint}")
+def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe file's keys; with `extends: OTHER.yaml` (a path beside it), its keys merged over OTHER's: mappings
+    key by key, anything else (lists included) replaced."""
     try:
         tree = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{seen[-1]}: extends {path}, which cannot be read ({error.strerror}).") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -123,6 +123,33 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(
             f"{path}: a recipe is a mapping of sections (run, data, model, ...), not {type(tree).__name__}."
         )
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends names one recipe file (a path beside it), not {parent!r}.")
+    other = (path.parent / parent).resolve()
+    if other in (*seen, path.resolve()):
+        raise ConfigError(f"{path}: extends {parent}, which extends it back.")
+    return _merged(_read_tree(other, (*seen, path.resolve())), tree)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe, apply dotted overrides, check every key, type and cross-setting rule."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(str(p) for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        hint = f" Shipped recipes: {', '.join(shipped)}." if shipped else ""
+        raise ConfigError(f"recipe {path} does not exist.{hint}")
+    tree = _read_tree(path, ())
     for section, body in list(tree.items()):
         if body is None:
             tree[section] = {}

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import artifacts, chat, scoring, stages
+from pipeline.core import artifacts, chat, harness, scoring, stages
 
 # Metrics a stage is judged by in its one-line verdict, the most telling first.
 VERDICT_METRICS = ("exact_match", "chosen_match", "preference_accuracy", "tool_arguments_accuracy", "tool_answer_match")
@@ -189,6 +189,7 @@ def write(
                 lines.append(
                     f"| {label} | {metric} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |"
                 )
+    lines += harness.table(results)
     if summary["gates"]:
         lines += ["", "## Gates", "", gate_table(summary["gates"])]
     _plot(results, work / artifacts.METRICS_PLOT)

@@ -519,6 +519,19 @@ class GRPOSection(TrainingSection):
         return self
 
 
+class HarnessTask(_Section):
+    task: str
+    """an lm-evaluation-harness task, group or tag by name (e.g. gsm8k, arc_easy; their data comes from the Hub), or a
+    task YAML (a path ending in .yaml: e.g. data/harness/heldout_answers.yaml, the run's own held-out answers)"""
+    num_fewshot: int | None = Field(None, ge=0)
+    """examples in the prompt; None: the task's own default"""
+    limit: int | None = Field(None, ge=1)
+    """score the first N examples only"""
+    chat_template: bool = False
+    """render the task's prompts (few-shot examples as turns) with the model's chat template, as a chat client asks
+    the model; the shipped held-out tasks are rendered already"""
+
+
 class EvaluateConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "rouge", "sacrebleu"])
     """text metrics of the answers"""
@@ -534,6 +547,10 @@ class EvaluateConfig(_Section):
     """generate as a server with adapters does (export target `adapter`): each model trained as adapters through
     vLLM's LoRA path, the run's base plus its stages' adapters stacked into one; the base and models trained in full
     as their own weights. Needs the vLLM backend; likelihood scores still come from the merged weights"""
+    harness: list[HarnessTask] = Field(default_factory=list)
+    """lm-evaluation-harness tasks scored on every model (base included) by lm-eval through the project's server
+    started on the model (lm-eval's HF backend where the evaluation runs without vLLM); cached per model; gate on
+    them as MODEL.harness.TASK.METRIC"""
     gates: dict[str, float] = Field(default_factory=dict)
     """"dpo.exact_match": 0.6, "dpo-sft.exact_match": -0.02, "dpo-sft.exact_match@data/tools.jsonl": -0.15"""
 
@@ -748,6 +765,8 @@ TRAINER_CLASSES = {"sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "grpo": "trl.
 
 
 def _default_text(field: pydantic.fields.FieldInfo) -> str:
+    if field.is_required():
+        return "required"
     value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "see below"
