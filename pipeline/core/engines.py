@@ -96,26 +96,13 @@ def compiler_vectorizes() -> bool:
     return bool(pick_vec_isa())
 
 
-_ENVIRONMENT_BEFORE_VLLM: dict[str, str] = {}
-
-
 def apply_vllm_environment(gpu: bool) -> None:
-    if not _ENVIRONMENT_BEFORE_VLLM:
-        _ENVIRONMENT_BEFORE_VLLM.update(os.environ)
     for key, value in vllm_environment(gpu).items():
         os.environ.setdefault(key, value)
     if os.environ.get("TORCH_COMPILE_DISABLE") == "1":
         import torch._dynamo
 
         torch._dynamo.config.disable = True  # read from the environment when torch was imported, already done here
-
-
-def environment_before_vllm() -> dict[str, str]:
-    """This process's environment as it was before vLLM ran in it: what a server started from here inherits, so that
-    it runs as one started from a shell. vLLM's CPU engine sets variables meant for its own workers (LD_PRELOAD of
-    torch's libgomp, LD_LIBRARY_PATH, KMP_*, LOCAL_WORLD_SIZE, a distributed identity), which a child server would
-    otherwise start with."""
-    return dict(_ENVIRONMENT_BEFORE_VLLM or os.environ)
 
 
 def vllm_available() -> bool:

@@ -3,6 +3,7 @@ benchmarks and the tests: a free port, waiting until it answers, and stopping it
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -12,7 +13,6 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.core import engines
 from pipeline.core.errors import PipelineError
 
 STARTUP_SECONDS = 300  # a cold start on a 2-core machine loads torch, vLLM and the model
@@ -31,19 +31,16 @@ def start_vllm_server(
     options: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    base_env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
     """`python -m serving.vllm_server` on an export, output to `log_path`, in a session of its own so that `stop`
     reaches everything it starts. An API key belongs in `env` (the recipe's serve.api_key_env), where `ps` does
-    not show it; `env` is added to `base_env` (default: this process's environment as it was before vLLM ran in it,
-    `engines.environment_before_vllm`: a server starts as from a shell). It runs in `cwd` (default: the repository),
-    where the recipe's relative paths are read."""
+    not show it. It runs in `cwd` (default: the repository), where the recipe's relative paths are read."""
     repo = Path(__file__).resolve().parents[2]
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "serving.vllm_server", "--artifact", str(artifact), f"serve.port={port}", *options],
             cwd=cwd or repo,
-            env={**(engines.environment_before_vllm() if base_env is None else base_env), **(env or {})},
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
