@@ -17,6 +17,7 @@ rendered with the run's chat template, so their scores can be set against the st
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -112,18 +113,13 @@ def check_section(evaluate: EvaluateConfig) -> None:
                     "the task to evaluate.harness, or drop the gate."
                 )
         return
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise _missing_lm_eval() from None
-    index = None
     for number, spec in enumerate(harness):
         where = f"evaluate.harness.{number}"
         config = task_config(spec, None, where)
         if isinstance(config, dict) and config.get("dataset_path") in LOCAL_BUILDERS:
             _check_local_files(config, spec.task, where)
             continue
-        index = index or TaskManager(verbosity="ERROR")
+        index = _task_index()
         if isinstance(config, str) and config not in index.all_tasks:
             raise ConfigError(
                 f"{where}: '{spec.task}' is not an lm-eval task, group or tag (lm-eval lists {len(index.all_tasks)}; "
@@ -131,6 +127,16 @@ def check_section(evaluate: EvaluateConfig) -> None:
             )
         if hub_offline():
             _check_hub_data(index, config, spec.task, where)
+
+
+@functools.cache
+def _task_index() -> Any:
+    """lm-eval's index of its registered tasks: built once per process (it reads some ten thousand YAML files)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise _missing_lm_eval() from None
+    return TaskManager(verbosity="ERROR")
 
 
 def _check_local_files(config: dict[str, Any], task_file: str, where: str) -> None:
