@@ -9,11 +9,14 @@ when vLLM is installed (the engine that serves, with the serving engine's settin
   arguments, and no call where none is due;
 - answers to the held-out preference prompts: `chosen_match`, the share equal to the chosen answer, which shows
   what preference tuning taught that SFT did not;
-plus perplexity on the assistant tokens and preference accuracy (log-probability of chosen above rejected).
+plus perplexity on the assistant tokens and preference accuracy (log-probability of chosen above rejected), and
+the lm-evaluation-harness tasks of `evaluate.harness`, run by lm-eval against the project's server started on each
+model in turn (`pipeline.core.harness`).
 
 A model already evaluated with the same weights, settings, engine and held-out data is not generated again: its
 results come from the previous evaluation's cache, so a gate change re-checks in seconds. Writes
-`checkpoints/<run>/eval/`: `metrics.json`, `predictions.jsonl`, `report.md` with PNG plots. A failed gate
+`checkpoints/<run>/eval/`: `metrics.json`, `predictions.jsonl`, `report.md` with PNG plots, and with benchmarks
+`harness/` (the held-out rows as the shipped tasks read them, each model's answers per task). A failed gate
 (`evaluate.gates`) exits with status 2 after writing everything, with a table of what failed.
 """
 
