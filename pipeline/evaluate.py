@@ -348,6 +348,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     reused_benchmarks: list[str] = []
     round_trips: dict[str, int] = {}
     records: dict[str, dict[str, Any]] = {}
+    stored: dict[str, dict[str, Any]] = {}  # the previous evaluation's cache, by model
     shared = _SharedEngine()
     routes = _lora_routes(found, recipe, scratch) if recipe.evaluate.through_lora else {}
     if routes and backend != "vllm":
@@ -361,7 +362,8 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     try:
         for name, folder in found.items():
             key = _cache_key(folder, recipe, backend, settings, data_identity)
-            cached = _read_cache(previous_cache / f"{name}.json", key)
+            stored[name] = _read_cache(previous_cache / f"{name}.json")
+            cached = stored[name] if stored[name].get("key") == key else None
             started = time.time()
             if cached is None:
                 cached = {
@@ -389,7 +391,7 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
         round_trips = harness.write_heldout_rows(held, heldout_dir)
         for name, folder in found.items():
             key = _harness_key(folder, recipe, backend, settings, data_identity)
-            previous = (_read_cache(previous_cache / f"{name}.json", None) or {}).get("harness", {})
+            previous = stored[name].get("harness", {})
             if previous.get("key") == key:
                 benchmarks = previous["results"]
                 reused_benchmarks.append(name)
@@ -439,13 +441,12 @@ def _evaluate(recipe: Recipe, run: artifacts.StageRun, found: dict[str, Path]) -
     )
 
 
-def _read_cache(path: Path, key: str | None) -> dict[str, Any] | None:
-    """A model's cached results if measured under `key` (any key: None)."""
+def _read_cache(path: Path) -> dict[str, Any]:
+    """A model's cached results, with the keys they were measured under (empty where there are none)."""
     try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
-    return cached if key is None or cached.get("key") == key else None
+        return {}
 
 
 main = cli.stage_main(STAGE, run)
