@@ -136,18 +136,19 @@ def test_a_rerun_skips_everything_and_a_gate_change_reuses_every_model(
 def test_benchmarks_through_the_served_model_agree_with_the_stage(default_pipeline: dict) -> None:
     """The default recipe's evaluate.harness: lm-eval through the project's server started on each model scores the
     held-out rows as the stage scores them. Every rendered row tokenizes back to the stage's ids. The pairs'
-    log-likelihoods come from vLLM, the stage's from HF, both float32 (measured: equal accuracy for every model, in
-    four runs). The answers come from the server's batches, the stage's from its offline engine: they differed on
-    0-5 (SFT) and 0-8 (DPO) of 247, every one an answer after a tool result, where the tiny model guesses among
-    weather and time words whose logits nearly tie; exact match moved by 1 and 3 rows. Bounds: 2% of the answers'
-    exact match (2.5x the largest move), one pair of the accuracy."""
+    log-likelihoods come from vLLM, the stage's from HF, both float32; the answers from the server's batches, the
+    stage's from its offline engine, and they meet near-ties otherwise: answers after a tool result, where the tiny
+    model guesses among weather and time words. Spread: the seed-42 models under the native kernels (AVX-512, four
+    runs) and with ATEN_CPU_CAPABILITY=avx2 + ONEDNN_MAX_CPU_ISA=AVX2, =default + SSE41, and MKL_CBWR=COMPATIBLE
+    forced: accuracy equal for every model in every run; exact match -0.0040 (SFT, 5 of 247 answers differ) and
+    -0.0121 (DPO, 8 differ) in every run. Bounds: 0.04 of exact match (3.3x the largest), one pair of accuracy."""
     summary = metrics(default_pipeline)
     rows = summary["harness"]["heldout_rows"]
     assert rows["answers"] == rows["answers_round_trip"] > 100 and rows["pairs"] == rows["pairs_round_trip"] > 100
     for name, result in summary["models"].items():
         answers, pairs = result["harness"]["heldout_answers"], result["harness"]["heldout_preferences"]
         assert answers["samples"] == rows["answers"] and pairs["samples"] == rows["pairs"], name
-        assert answers["exact_match"]["value"] == pytest.approx(result["exact_match"], abs=0.02), name
+        assert answers["exact_match"]["value"] == pytest.approx(result["exact_match"], abs=0.04), name
         assert pairs["acc"]["value"] == pytest.approx(result["preference_accuracy"], abs=1 / rows["pairs"] + 1e-9), name
         assert 0 < pairs["acc"]["stderr"] < 0.1, name
     report = (default_pipeline["recipe"].run_dir / "eval" / artifacts.REPORT_FILE).read_text()

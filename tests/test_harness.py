@@ -126,9 +126,15 @@ def benchmarked(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_lm_eval_on_transformers_scores_the_held_out_rows_as_the_stage_does(benchmarked: Path) -> None:
     """lm-eval's HF backend and the stage's HF scoring meet on the same tokens (every rendered row round-trips):
-    log-likelihoods of the same float32 model, and greedy answers, equal but where a near-tie meets another batch."""
+    log-likelihoods of the same float32 model, and greedy answers, right or wrong (the small models here answer
+    nothing right: the base writes bytes to the token limit, the SFT model stops at once). Spread: native kernels
+    (AVX-512), ATEN_CPU_CAPABILITY=avx2 + ONEDNN_MAX_CPU_ISA=AVX2, =default + SSE41, MKL_CBWR=COMPATIBLE: every answer
+    equal and the accuracy equal in each; bounds: one answer, one pair (a near-tie met in another batch)."""
     recipe = load_recipe(benchmarked, ["evaluate.backend=hf", HELDOUT_TASKS])
-    summary = json.loads((recipe.run_dir / "eval" / artifacts.METRICS_FILE).read_text())
+    eval_dir = recipe.run_dir / "eval"
+    summary = json.loads((eval_dir / artifacts.METRICS_FILE).read_text())
+    predictions = [json.loads(line) for line in (eval_dir / artifacts.PREDICTIONS_FILE).read_text().splitlines()]
+    stage_answers = [row["answers"] for row in predictions if row["set"] == "answers"]
     rows = summary["harness"]["heldout_rows"]
     assert rows["answers"] == rows["answers_round_trip"] > 0 and rows["pairs"] == rows["pairs_round_trip"] > 0
     for name, result in summary["models"].items():
@@ -136,5 +142,11 @@ def test_lm_eval_on_transformers_scores_the_held_out_rows_as_the_stage_does(benc
         assert answers["samples"] == rows["answers"] and pairs["samples"] == rows["pairs"]
         assert answers["exact_match"]["value"] == pytest.approx(result["exact_match"], abs=1 / rows["answers"] + 1e-9)
         assert pairs["acc"]["value"] == pytest.approx(result["preference_accuracy"], abs=1 / rows["pairs"] + 1e-9)
+        harness_answers = [
+            json.loads(line)
+            for line in (eval_dir / artifacts.HARNESS_DIR / name / "heldout_answers.jsonl").read_text().splitlines()
+        ]
+        differ = [a["doc_id"] for a in harness_answers if a["answer"][0] != stage_answers[a["doc_id"]][name].strip()]
+        assert len(differ) <= 1, (name, differ)
     report = (recipe.run_dir / "eval" / artifacts.REPORT_FILE).read_text()
     assert "## Benchmarks (lm-evaluation-harness)" in report and "| heldout_preferences | acc |" in report
