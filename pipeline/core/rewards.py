@@ -208,9 +208,7 @@ def prompt_rows(
         turns = [i for i, m in enumerate(messages[:last]) if m["role"] == "assistant" and m.get("tool_calls")] + [last]
         for index in turns:
             turn = messages[index]
-            text = tokenizer.apply_chat_template(
-                messages[:index], tools=tools, tokenize=False, add_generation_prompt=True
-            )
+            text = chat.render_text(tokenizer, messages[:index], tools, add_generation_prompt=True)
             calls = scoring._expected_calls(turn) if turn.get("tool_calls") else []  # noqa: SLF001 - evaluation's reading
             rows.append(
                 {

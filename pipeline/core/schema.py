@@ -556,11 +556,19 @@ class EvaluateConfig(_Section):
 
 
 class ExportConfig(_Section):
-    targets: list[Literal["hf", "onnx", "adapter"]] = Field(default_factory=lambda: ["hf", "onnx"])
-    """merged weights for vLLM, ONNX, and `adapter`: the whole fine-tune as one LoRA adapter over the run's base
-    model (every trained stage's adapter stacked, rank their sum), for serving many fine-tunes on one base"""
+    targets: list[Literal["hf", "onnx", "adapter", "optimum-onnx", "gguf"]] = Field(
+        default_factory=lambda: ["hf", "onnx"]
+    )
+    """`hf`: merged weights for vLLM and transformers; `onnx`: ONNX Runtime GenAI's builder; `adapter`: the whole
+    fine-tune as one LoRA adapter over the run's base model (every trained stage's adapter stacked, rank their sum),
+    for serving many fine-tunes on one base; `optimum-onnx`: optimum's exporter for ORTModelForCausalLM, run in an
+    environment of its own created on first use (`.venv-optimum-onnx`, transformers 4.57); `gguf`: llama.cpp /
+    Ollama files, written by llama.cpp's converter and checked in llama-cpp-python"""
     onnx_precisions: list[Literal["fp32", "int4"]] = Field(default_factory=lambda: ["fp32", "int4"])
-    """ONNX variants written"""
+    """ONNX Runtime GenAI variants written"""
+    gguf_types: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    """GGUF files written (llama.cpp's converter types): f32 and f16 must answer as PyTorch does, bf16 and q8_0 are
+    measured"""
 
 
 class ServeConfig(_Section):
