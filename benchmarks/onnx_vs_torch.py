@@ -1,12 +1,14 @@
-"""ONNX Runtime GenAI (fp32, int4) against PyTorch fp32: decode speed at batch 1 and prefill latency.
+"""Every export runtime against PyTorch fp32: decode speed at batch 1 and prefill latency.
 
     python benchmarks/onnx_vs_torch.py [--config configs/tiny.yaml] [--decode-tokens 64] [--repeats 3]
 
-Two models, each measured side by side in one run: the default recipe's export (run `python -m pipeline.run`
-first) and a Llama-architecture model of about 135M parameters with random weights (hidden 576, 30 layers,
-9 heads, 3 KV heads, vocab 49,152), which the tiny default is too small to stand in for: at 0.9M parameters
-every runtime measures its own overhead. Prompts are random token ids; decoding ignores stop tokens so each
-runtime produces the same number of tokens. Reports medians of the repeats and ratios to PyTorch.
+Runtimes: ONNX Runtime GenAI (fp32, int4), optimum's ONNX export with ORTModelForCausalLM (in the optimum-onnx
+environment, created on first use), llama.cpp through llama-cpp-python (GGUF f16 and q8_0, as many threads as
+PyTorch uses). Two models, each measured side by side in one run: the default recipe's export (run
+`python -m pipeline.run` first) and a Llama-architecture model of about 135M parameters with random weights
+(hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 49,152), which the tiny default is too small to stand in for: at
+0.9M parameters every runtime measures its own overhead. Prompts are random token ids; decoding ignores stop
+tokens so each runtime produces the same number of tokens. Reports medians of the repeats and ratios to PyTorch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.llama_135m import build_135m  # noqa: E402
 
+GGUF_TYPES = ("f16", "q8_0")
 PROMPT_LENGTHS = (32, 256)  # the longer one shrinks to fit a model whose context is shorter than 256 + decode
 
 
@@ -84,6 +87,62 @@ def onnx_timings(onnx_dir: Path, prompts: dict[int, list[int]], decode_tokens: i
     return out
 
 
+def llama_cpp_timings(gguf_file: Path, prompts: dict[int, list[int]], decode_tokens: int) -> dict[str, float]:
+    import llama_cpp
+    import torch
+
+    context = max(prompts) + decode_tokens + 1
+    model = llama_cpp.Llama(
+        str(gguf_file), n_ctx=context, n_batch=context, n_threads=torch.get_num_threads(), verbose=False
+    )
+    out = {}
+    for length, ids in prompts.items():
+        model.reset()
+        model.eval(ids)  # warm-up
+        model.reset()
+        start = time.perf_counter()
+        model.eval(ids)
+        out[f"prefill_{length}_ms"] = (time.perf_counter() - start) * 1000
+    produced = 0
+    start = time.perf_counter()
+    for _ in model.generate(prompts[min(prompts)], top_k=1, temp=0.0, reset=True):
+        produced += 1
+        if produced == decode_tokens:
+            break
+    total = time.perf_counter() - start
+    out["decode_tokens_per_s"] = produced / max(total - out[f"prefill_{min(prompts)}_ms"] / 1000, 1e-9)
+    return out
+
+
+def optimum_timings(
+    model_dir: Path, prompts: dict[int, list[int]], decode_tokens: int, repeats: int, scratch: Path
+) -> dict[str, float]:
+    """optimum's export and its timings, both in the optimum-onnx environment (the medians come back)."""
+    from pipeline.core import isolated_env, optimum_onnx
+
+    copy = scratch / "optimum-copy"
+    optimum_onnx.legacy_copy(model_dir, copy)
+    request = scratch / "optimum-request.json"
+    request.write_text(json.dumps({"prompts": prompts, "decode_tokens": decode_tokens, "repeats": repeats}))
+    return isolated_env.run_json(
+        optimum_onnx.ENVIRONMENT,
+        REPO / "benchmarks" / "optimum_onnx_timing.py",
+        [str(copy), str(scratch / "optimum-onnx"), str(request)],
+        "optimum's ONNX timings",
+    )
+
+
+def gguf_files(model_dir: Path, scratch: Path) -> dict[str, Path]:
+    from pipeline.core import chat, gguf_export
+
+    end_of_turn = chat.end_of_turn_token_id(chat.load_tokenizer(model_dir))
+    files = {}
+    for file_type in GGUF_TYPES:
+        files[file_type] = scratch / f"model-{file_type}.gguf"
+        gguf_export.convert(model_dir, files[file_type], file_type, end_of_turn)
+    return files
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -98,11 +157,17 @@ def measure(
     prompts = {n: [rng.randrange(3, vocab) for _ in range(n)] for n in lengths}
     results = {"torch fp32": median_of([torch_timings(model_dir, prompts, decode_tokens) for _ in range(repeats)])}
     for name, folder in onnx_dirs.items():
-        results[f"onnx {name}"] = median_of([onnx_timings(folder, prompts, decode_tokens) for _ in range(repeats)])
+        results[f"ort-genai {name}"] = median_of([onnx_timings(folder, prompts, decode_tokens) for _ in range(repeats)])
+    with tempfile.TemporaryDirectory(prefix="runtimes-bench-") as scratch:
+        results["optimum fp32"] = optimum_timings(model_dir, prompts, decode_tokens, repeats, Path(scratch))
+        for file_type, path in gguf_files(model_dir, Path(scratch)).items():
+            results[f"llama.cpp {file_type}"] = median_of(
+                [llama_cpp_timings(path, prompts, decode_tokens) for _ in range(repeats)]
+            )
     reference = results["torch fp32"]
     print(f"\n{label}")
     print(
-        f"  {'runtime':12} {'decode tok/s':>13} {'x torch':>8} "
+        f"  {'runtime':15} {'decode tok/s':>13} {'x torch':>8} "
         + " ".join(f"{'prefill ' + str(n) + ' ms':>15} {'x torch':>8}" for n in lengths)
     )
     for name, values in results.items():
@@ -114,7 +179,7 @@ def measure(
             key = f"prefill_{n}_ms"
             # a ratio above 1 means faster than PyTorch for both columns
             cells.append(f"{values[key]:15.2f} {reference[key] / values[key]:8.2f}")
-        print(f"  {name:12} " + " ".join(cells))
+        print(f"  {name:15} " + " ".join(cells))
 
 
 def main() -> None:

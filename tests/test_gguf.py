@@ -105,7 +105,11 @@ def test_the_smollm2_recipe_runs_end_to_end_with_few_steps(tmp_path: Path) -> No
         # 3 minutes here; tests/test_grpo.py covers that selection on the small recipe.
         "grpo.prompts=all",
         "evaluate.max_examples=8",
-        "export.targets=[hf]",
+        "evaluate.max_new_tokens=16",
+        # llama.cpp on the real model's vocabulary (f16: about 40 s with its checks); the other runtimes are
+        # measured on it by benchmarks/onnx_vs_torch.py.
+        "export.targets=[hf,gguf]",
+        "export.gguf_types=[f16]",
     ]
     recipe = load_recipe("configs/smollm2-135m.yaml", overrides)
     rows = run.run(recipe, overrides)
@@ -119,3 +123,6 @@ def test_the_smollm2_recipe_runs_end_to_end_with_few_steps(tmp_path: Path) -> No
     assert list(scores) == ["base", "sft", "dpo", "grpo"] and all("exact_match" in s for s in scores.values())
     serving = artifacts.read_serving_file(stages.EXPORT.folder(recipe))
     assert serving["max_model_len"] == recipe.data.max_length and serving["dtype"] == "float32"
+    gguf = artifacts.read_manifest(stages.EXPORT.folder(recipe))["metrics"]["gguf"]
+    assert gguf["pre_tokenizer"] == "smollm"  # llama.cpp knows SmolLM's vocabulary by its hash
+    assert gguf["f16"]["tokenization"]["mismatches"] == 0 and gguf["f16"]["chat"]["prompt_mismatches"] == 0

@@ -189,20 +189,19 @@ def export(
     ]
     context = max(len(p) for p in ids) + max_new_tokens + 1
     context = max(context, max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) + 1)
-    results: dict[str, Any] = {
-        "llama_cpp_python": version("llama-cpp-python"),
-        "pre_tokenizer": pre_tokenizer_name(model_dir),
-    }
+    results: dict[str, Any] = {"llama_cpp_python": version("llama-cpp-python")}
     out_dir.mkdir(parents=True)
     for file_type in file_types:
         path = out_dir / f"model-{file_type}.gguf"
         convert(model_dir, path, file_type, end_of_turn)
         llm = _load(path, context, file_type)
+        # The converter's name when it knows the vocabulary, else the one taken from the tokenizer's rules.
+        results["pre_tokenizer"] = llm.metadata.get("tokenizer.ggml.pre")
         mismatches = tokenization_mismatches(llm, tokenizer, texts)
         if mismatches:
             raise GGUFExportError(
                 f"gguf export: llama.cpp tokenizes {mismatches} of {len(texts)} held-out conversations otherwise than "
-                f"the training tokenizer (pre-tokenizer {results['pre_tokenizer'] or 'by hash'}), so the file would "
+                f"the training tokenizer (pre-tokenizer {results['pre_tokenizer']}), so the file would "
                 "not see what the model was trained on; nothing was exported. Export the hf or onnx targets instead."
             )
         answers = greedy(llm, ids, max_new_tokens, stop_ids)
