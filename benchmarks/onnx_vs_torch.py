@@ -127,7 +127,7 @@ def optimum_timings(
     return isolated_env.run_json(
         optimum_onnx.ENVIRONMENT,
         REPO / "benchmarks" / "optimum_onnx_timing.py",
-        [str(copy), str(scratch / "optimum-onnx"), str(request)],
+        [str(copy), str(scratch / "onnx-export"), str(request)],
         "optimum's ONNX timings",
     )
 

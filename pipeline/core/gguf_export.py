@@ -141,10 +141,11 @@ def tokenization_mismatches(llm: Any, tokenizer: Any, texts: list[str]) -> int:
 
 
 def chat_check(
-    llm: Any, tokenizer: Any, prompts: list[list[dict]], expected_replies: list[str], max_new_tokens: int
-) -> tuple[int, list[bool]]:
-    """How many prompts the file's template renders otherwise than the training tokenizer, and for each prompt
-    whether llama.cpp's chat completion (through that template) replies what PyTorch generates."""
+    llm: Any, tokenizer: Any, prompts: list[tuple[list[dict], Any]], expected: dict[int, str], max_new_tokens: int
+) -> tuple[int, dict[int, bool]]:
+    """How many prompts (tool declarations included) the file's template renders otherwise than the training
+    tokenizer, and for the prompts in `expected` whether llama.cpp's chat completion through that template replies
+    what PyTorch generated."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     formatter = Jinja2ChatFormatter(
@@ -153,13 +154,16 @@ def chat_check(
         bos_token=tokenizer.bos_token or "",
         add_generation_prompt=True,
     )
-    prompt_mismatches, same = 0, []
-    for messages, expected in zip(prompts, expected_replies):
-        prompt_mismatches += formatter(messages=messages).prompt != chat.render_text(
-            tokenizer, messages, add_generation_prompt=True
-        )
+    prompt_mismatches = sum(
+        formatter(messages=chat.clean_messages(messages), tools=tools).prompt
+        != chat.render_text(tokenizer, messages, tools, add_generation_prompt=True)
+        for messages, tools in prompts
+    )
+    same = {}
+    for index, reply_text in expected.items():
+        messages = chat.clean_messages(prompts[index][0])
         reply = llm.create_chat_completion(messages=messages, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
-        same.append((reply["choices"][0]["message"]["content"] or "").strip() == expected.strip())
+        same[index] = (reply["choices"][0]["message"]["content"] or "").strip() == reply_text.strip()
     return prompt_mismatches, same
 
 
@@ -182,11 +186,12 @@ def export(
     stop_ids = chat.stop_token_ids(tokenizer)
     end_of_turn = chat.end_of_turn_token_id(tokenizer)
     texts = [chat.render_text(tokenizer, messages, tools) for messages, tools in conversations]
-    plain = [i for i, (_, tools) in enumerate(prompts) if not tools]
-    expected = [
-        tokenizer.decode([t for t in runtime_parity.until_stop(reference.tokens[i], stop_ids) if t not in stop_ids])
-        for i in plain
-    ]
+    # Replies are compared for prompts without tools: llama-cpp-python returns a call as text, not as tool_calls.
+    expected = {
+        i: tokenizer.decode([t for t in runtime_parity.until_stop(reference.tokens[i], stop_ids) if t not in stop_ids])
+        for i, (_, tools) in enumerate(prompts)
+        if not tools
+    }
     context = max(len(p) for p in ids) + max_new_tokens + 1
     context = max(context, max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) + 1)
     results: dict[str, Any] = {"llama_cpp_python": version("llama-cpp-python")}
@@ -208,17 +213,14 @@ def export(
         record = runtime_parity.compare(reference, answers, stop_ids)
         record["divergences"] = runtime_parity.divergences(model_dir, ids, reference, answers, stop_ids)
         diverged = {d["prompt"] for d in record["divergences"]}
-        prompt_mismatches, replies = chat_check(
-            llm, tokenizer, [prompts[i][0] for i in plain], expected, max_new_tokens
-        )
+        prompt_mismatches, replies = chat_check(llm, tokenizer, prompts, expected, max_new_tokens)
         record["chat"] = {
-            "conversations": len(plain),
+            "prompts": len(prompts),
             "prompt_mismatches": prompt_mismatches,
-            "identical_replies": sum(replies),
+            "conversations": len(replies),
+            "identical_replies": sum(replies.values()),
             # A reply can only be expected to equal PyTorch's where the greedy tokens did.
-            "replies_differing_where_answers_equal": sum(
-                not same for i, same in zip(plain, replies) if i not in diverged
-            ),
+            "replies_differing_where_answers_equal": sum(not same for i, same in replies.items() if i not in diverged),
         }
         record["tokenization"] = {"conversations": len(texts), "mismatches": 0}
         record["file"] = str(path.relative_to(out_dir.parent))

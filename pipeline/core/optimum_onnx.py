@@ -53,7 +53,7 @@ def export(
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="optimum-onnx-") as scratch:
-        copy = Path(scratch) / "model"
+        copy = Path(scratch) / "transformers-4.57"
         legacy_copy(model_dir, copy)
         request = Path(scratch) / "request.json"
         request.write_text(
