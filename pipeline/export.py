@@ -255,11 +255,11 @@ def _export(
 
     runtimes = [t for t in ("onnx", "optimum-onnx", "gguf") if t in targets]
     if runtimes:
-        reference = runtime_parity.torch_greedy(model_dir, ids, recipe.evaluate.max_new_tokens)
+        reference = runtime_parity.Reference.measure(model_dir, ids, recipe.evaluate.max_new_tokens, stop_ids)
     if "onnx" in targets:
-        checks["onnx"] = _export_onnx(recipe, work, model_dir, ids, reference, stop_ids)
+        checks["onnx"] = _export_onnx(recipe, work, model_dir, reference)
     if "optimum-onnx" in targets:
-        checks["optimum_onnx"] = _export_optimum_onnx(recipe, work, model_dir, ids, reference, stop_ids)
+        checks["optimum_onnx"] = _export_optimum_onnx(work, model_dir, reference)
     if "gguf" in targets:
         prompts = [(r["prompt"], r["tools"]) for r in parity_rows]
         checks["gguf"] = gguf_export.export(
@@ -269,9 +269,7 @@ def _export(
             tokenizer,
             _parity_conversations(held),
             prompts,
-            ids,
             reference,
-            recipe.evaluate.max_new_tokens,
         )
         _require_gguf_parity(checks["gguf"])
     if "hf" not in targets and "adapter" in targets:
@@ -335,14 +333,7 @@ def _parity_conversations(held: scoring.HeldOut) -> list[tuple[list[dict], Any]]
     return [(row["prompt"] + [{"role": "assistant", "content": row["reference"]}], row["tools"]) for row in chosen]
 
 
-def _export_onnx(
-    recipe: Recipe,
-    work: Path,
-    model_dir: Path,
-    ids: list[list[int]],
-    reference: runtime_parity.Greedy,
-    stop_ids: list[int],
-) -> dict[str, Any]:
+def _export_onnx(recipe: Recipe, work: Path, model_dir: Path, reference: runtime_parity.Reference) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for precision in recipe.export.onnx_precisions:
         out = work / artifacts.ONNX_DIR / precision
@@ -355,31 +346,21 @@ def _export_onnx(
             print(f"export: {message}; the hf/vLLM export is complete.")
             shutil.rmtree(work / artifacts.ONNX_DIR, ignore_errors=True)
             return {"status": "unsupported", "message": message}
-        candidate = _onnx_greedy(out, ids, recipe.evaluate.max_new_tokens)
-        results[precision] = runtime_parity.compare(reference, candidate, stop_ids)
+        results[precision] = reference.compare(_onnx_greedy(out, reference.ids, reference.max_new_tokens))
     _require_agreement("ONNX", results, ("fp32",), ONNX_LOGIT_TOLERANCE)
     return results
 
 
-def _export_optimum_onnx(
-    recipe: Recipe,
-    work: Path,
-    model_dir: Path,
-    ids: list[list[int]],
-    reference: runtime_parity.Greedy,
-    stop_ids: list[int],
-) -> dict[str, Any]:
+def _export_optimum_onnx(work: Path, model_dir: Path, reference: runtime_parity.Reference) -> dict[str, Any]:
     """optimum's ONNX model against PyTorch twice: transformers 4.57 in its environment (optimum's own reference) and
     this environment's transformers on the export (the model that was trained); the second also checks the copy
     that 4.57 read."""
-    measured = optimum_onnx.export(
-        model_dir, work / artifacts.OPTIMUM_ONNX_DIR, ids, recipe.evaluate.max_new_tokens, stop_ids
-    )
+    measured = optimum_onnx.export(model_dir, work / artifacts.OPTIMUM_ONNX_DIR, reference)
     results = {
         "environment": measured["versions"],
-        "against_torch_in_environment": runtime_parity.compare(measured["torch"], measured["onnx"], stop_ids),
-        "torch_in_environment_against_export": runtime_parity.compare(reference, measured["torch"], stop_ids),
-        **runtime_parity.compare(reference, measured["onnx"], stop_ids),
+        "against_torch_in_environment": runtime_parity.compare(measured["torch"], measured["onnx"], reference.stop_ids),
+        "torch_in_environment_against_export": reference.compare(measured["torch"]),
+        **reference.compare(measured["onnx"]),
     }
     _require_agreement(
         "optimum ONNX",

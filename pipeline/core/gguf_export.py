@@ -174,21 +174,21 @@ def export(
     tokenizer: Any,
     conversations: list[tuple[list[dict], Any]],
     prompts: list[tuple[list[dict], Any]],
-    ids: list[list[int]],
-    reference: runtime_parity.Greedy,
-    max_new_tokens: int,
+    reference: runtime_parity.Reference,
 ) -> dict[str, Any]:
     """One file per type in `out_dir`, each checked; raises GGUFExportError where llama.cpp tokenizes otherwise.
-    `conversations` are whole held-out conversations (tokenization), `prompts` the parity prompts behind `ids` and
+    `conversations` are whole held-out conversations (tokenization), `prompts` the parity prompts behind
     `reference` (PyTorch's answers)."""
     from importlib.metadata import version
 
-    stop_ids = chat.stop_token_ids(tokenizer)
+    ids, max_new_tokens, stop_ids = reference.ids, reference.max_new_tokens, reference.stop_ids
     end_of_turn = chat.end_of_turn_token_id(tokenizer)
     texts = [chat.render_text(tokenizer, messages, tools) for messages, tools in conversations]
     # Replies are compared for prompts without tools: llama-cpp-python returns a call as text, not as tool_calls.
     expected = {
-        i: tokenizer.decode([t for t in runtime_parity.until_stop(reference.tokens[i], stop_ids) if t not in stop_ids])
+        i: tokenizer.decode(
+            [t for t in runtime_parity.until_stop(reference.answers.tokens[i], stop_ids) if t not in stop_ids]
+        )
         for i, (_, tools) in enumerate(prompts)
         if not tools
     }
@@ -210,8 +210,8 @@ def export(
                 "not see what the model was trained on; nothing was exported. Export the hf or onnx targets instead."
             )
         answers = greedy(llm, ids, max_new_tokens, stop_ids)
-        record = runtime_parity.compare(reference, answers, stop_ids)
-        record["divergences"] = runtime_parity.divergences(model_dir, ids, reference, answers, stop_ids)
+        record = reference.compare(answers)
+        record["divergences"] = reference.divergences(answers)
         diverged = {d["prompt"] for d in record["divergences"]}
         prompt_mismatches, replies = chat_check(llm, tokenizer, prompts, expected, max_new_tokens)
         record["chat"] = {

@@ -45,9 +45,7 @@ def legacy_copy(model_dir: Path, copy: Path) -> None:
     tokenizer_file.write_text(json.dumps(tokenizer, indent=2))
 
 
-def export(
-    model_dir: Path, out_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]
-) -> dict[str, Any]:
+def export(model_dir: Path, out_dir: Path, reference: runtime_parity.Reference) -> dict[str, Any]:
     """Writes `out_dir`; returns the isolated environment's versions and, measured there, the ONNX model's and the
     PyTorch model's (transformers 4.57 on the same copy) greedy answers and logits."""
     import numpy as np
@@ -57,7 +55,14 @@ def export(
         legacy_copy(model_dir, copy)
         request = Path(scratch) / "request.json"
         request.write_text(
-            json.dumps({"prompts": ids, "max_new_tokens": max_new_tokens, "stop_ids": stop_ids, "scratch": scratch})
+            json.dumps(
+                {
+                    "prompts": reference.ids,
+                    "max_new_tokens": reference.max_new_tokens,
+                    "stop_ids": reference.stop_ids,
+                    "scratch": scratch,
+                }
+            )
         )
         result = isolated_env.run_json(
             ENVIRONMENT, WORKER, [str(copy), str(out_dir), str(request)], "optimum's ONNX export"

@@ -22,7 +22,7 @@ def main(model_copy: str, out_dir: str, request_file: str) -> None:
     from transformers import AutoModelForCausalLM
 
     request = json.loads(Path(request_file).read_text())
-    main_export(model_copy, out_dir, task="text-generation-with-past", device="cpu", no_post_process=False)
+    main_export(model_copy, out_dir, task="text-generation-with-past", device="cpu")
     models = {
         "onnx": ORTModelForCausalLM.from_pretrained(out_dir, provider="CPUExecutionProvider"),
         "torch": AutoModelForCausalLM.from_pretrained(model_copy, torch_dtype=torch.float32).eval(),

@@ -14,12 +14,16 @@ class Greedy:
     first_logits: list[Any]  # float32 arrays: the logits after each prompt
 
 
-def torch_greedy(model_dir: Path, ids: list[list[int]], max_new_tokens: int) -> Greedy:
+def _float32(model_dir: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    stop_ids = model.generation_config.eos_token_id
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _generate(model: Any, ids: list[list[int]], max_new_tokens: int) -> Greedy:
+    import torch
+
     tokens, first_logits = [], []
     with torch.no_grad():
         for prompt in ids:
@@ -28,11 +32,15 @@ def torch_greedy(model_dir: Path, ids: list[list[int]], max_new_tokens: int) -> 
                 torch.tensor([prompt]),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=stop_ids,
+                eos_token_id=model.generation_config.eos_token_id,
                 pad_token_id=model.generation_config.pad_token_id,
             )
             tokens.append(output[0, len(prompt) :].tolist())
     return Greedy(tokens, first_logits)
+
+
+def torch_greedy(model_dir: Path, ids: list[list[int]], max_new_tokens: int) -> Greedy:
+    return _generate(_float32(model_dir), ids, max_new_tokens)
 
 
 def until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
@@ -60,29 +68,42 @@ def compare(reference: Greedy, candidate: Greedy, stop_ids: list[int]) -> dict[s
     }
 
 
-def divergences(
-    model_dir: Path, ids: list[list[int]], reference: Greedy, candidate: Greedy, stop_ids: list[int]
-) -> list[dict[str, Any]]:
-    """Where a runtime's greedy answer leaves PyTorch's: the prompt, the position, and PyTorch's own margin there
-    between its token and the runtime's (logit difference). A margin within the runtime's numerical error is a near
-    tie that any rounding may flip; a large one is a broken runtime."""
-    import torch
-    from transformers import AutoModelForCausalLM
+@dataclass
+class Reference:
+    """PyTorch's greedy answers on the merged export's parity prompts, with what a runtime is measured against them
+    with: its stop tokens, and the model itself for the margins at a divergence."""
 
-    found = []
-    model = None
-    for index, (prompt, want, got) in enumerate(zip(ids, reference.tokens, candidate.tokens)):
-        want, got = until_stop(want, stop_ids), until_stop(got, stop_ids)
-        if want == got:
-            continue
-        position = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        if position >= min(len(want), len(got)):  # one stopped where the other went on: same tokens, cut length
-            found.append({"prompt": index, "position": position, "pytorch_margin": None})
-            continue
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + want[:position]])).logits[0, -1]
-        margin = float(logits[want[position]] - logits[got[position]])
-        found.append({"prompt": index, "position": position, "pytorch_margin": margin})
-    return found
+    ids: list[list[int]]
+    max_new_tokens: int
+    stop_ids: list[int]
+    model: Any
+    answers: Greedy
+
+    @classmethod
+    def measure(cls, model_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> Reference:
+        model = _float32(model_dir)
+        return cls(ids, max_new_tokens, stop_ids, model, _generate(model, ids, max_new_tokens))
+
+    def compare(self, candidate: Greedy) -> dict[str, Any]:
+        return compare(self.answers, candidate, self.stop_ids)
+
+    def divergences(self, candidate: Greedy) -> list[dict[str, Any]]:
+        """Where a runtime's greedy answer leaves PyTorch's: the prompt, the position, and PyTorch's own margin there
+        between its token and the runtime's (logit difference). A margin within the runtime's numerical error is a
+        near tie that any rounding may flip; a large one is a broken runtime."""
+        import torch
+
+        found = []
+        for index, (prompt, want, got) in enumerate(zip(self.ids, self.answers.tokens, candidate.tokens)):
+            want, got = until_stop(want, self.stop_ids), until_stop(got, self.stop_ids)
+            if want == got:
+                continue
+            position = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            if position >= min(len(want), len(got)):  # one stopped where the other went on
+                found.append({"prompt": index, "position": position, "pytorch_margin": None})
+                continue
+            with torch.no_grad():
+                logits = self.model(torch.tensor([prompt + want[:position]])).logits[0, -1]
+            margin = float(logits[want[position]] - logits[got[position]])
+            found.append({"prompt": index, "position": position, "pytorch_margin": margin})
+        return found
