@@ -152,6 +152,8 @@ def test_optimum_onnx_export_runs_in_its_own_environment_and_answers_as_pytorch(
     assert checks["environment"]["transformers"].startswith("4.57.") and checks["environment"]["optimum-onnx"]
     assert checks["agreement_rate"] == 1.0 and checks["first_step_max_abs_logit_diff"] <= export.ONNX_LOGIT_TOLERANCE
     assert checks["against_torch_in_environment"]["agreement_rate"] == 1.0
+    # transformers 4.57 on the converted copy against 5 on the export: 0.0 apart under each of the four CPU kernel
+    # configurations measured (native, avx2/AVX2, default/SSE41, MKL_CBWR=COMPATIBLE), here and on SmolLM2.
     assert checks["torch_in_environment_against_export"]["first_step_max_abs_logit_diff"] <= 1e-4
     folder = out / artifacts.OPTIMUM_ONNX_DIR
     assert (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file()
