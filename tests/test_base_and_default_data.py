@@ -24,8 +24,19 @@ def test_shipped_data_regenerates_byte_for_byte(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO / "data" / "make_data.py"), "--out", str(tmp_path)], check=True, capture_output=True
     )
-    for name in [*make_data.FILES, *make_data.FIXED_FILES]:
+    for name in [*make_data.FILES, *make_data.FIXED_FILES, *make_data.CONTINUATIONS]:
         assert (tmp_path / name).read_bytes() == (REPO / "data" / name).read_bytes(), name
+
+
+def test_held_out_sums_are_right_and_ask_nothing_the_training_sums_ask() -> None:
+    trained = {make_data.sum_operands(row) for row in _rows("arithmetic.jsonl")}
+    held_out = _rows("arithmetic_held_out.jsonl")
+    assert len(held_out) == 500 and len({make_data.sum_operands(row) for row in held_out}) == 500
+    for row in held_out:
+        question, answer = row["messages"]
+        numbers = [int(n) for n in make_data.sum_operands(row)]
+        assert make_data.sum_operands(row) not in trained, question["content"]
+        assert answer["content"] == str(sum(numbers) if len(numbers) == 2 else 2 * numbers[0]), question["content"]
 
 
 def _rows(name: str) -> list[dict]:
