@@ -53,6 +53,36 @@ def test_every_model_is_evaluated_with_every_metric(small_run: Path) -> None:
     assert metrics["engine"] == {"backend": "hf", "dtype": "float32", "enforce_eager": True, "through_lora": []}
 
 
+def test_scoring_batches_keep_their_logits_within_the_budget_and_every_row_in_order() -> None:
+    vocab = 1000
+    rows_fitting = scoring.LOGITS_BUDGET // (100 * vocab)
+    lengths = [100] * (rows_fitting + 5) + [3000 * scoring.LOGITS_BUDGET // vocab] + [10] * 7
+    batches = scoring._budgeted_batches(lengths, 64, vocab)
+    assert [i for b in batches for i in range(len(lengths))[b]] == list(range(len(lengths)))
+    assert (batches[0].stop - batches[0].start) == min(64, rows_fitting)
+    for batch in batches:
+        rows = lengths[batch]
+        assert len(rows) <= 64
+        assert len(rows) == 1 or len(rows) * max(rows) * vocab <= scoring.LOGITS_BUDGET
+    assert scoring._budgeted_batches([], 64, vocab) == []
+
+
+def test_likelihood_scores_do_not_depend_on_how_rows_are_batched(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.core import chat, models
+
+    recipe = load_recipe(small_run, ["evaluate.backend=hf"])
+    tokenizer = chat.load_tokenizer(recipe.run_dir / "data" / artifacts.TOKENIZER_DIR)
+    held = scoring.HeldOut.load(recipe.run_dir / "data", tokenizer, recipe)
+    model = models.load(recipe.run_dir / "base", recipe.model, "float32")
+    whole = held.likelihood_scores(model, tokenizer, 64)
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 1)  # one row a batch
+    one_by_one = held.likelihood_scores(model, tokenizer, 64)
+    assert set(whole) == {"perplexity", "preference_accuracy", "mean_margin"}
+    assert one_by_one == pytest.approx(whole, rel=1e-4)
+
+
 def test_a_contained_answer_is_whole_words_ignoring_case() -> None:
     assert scoring.contains_answer("The capital of France is Paris.", "paris")
     assert scoring.contains_answer('The answer is "carbon dioxide"', "Carbon dioxide")

@@ -70,6 +70,27 @@ def compute_metric(name: str, predictions: list[str], references: list[str]) -> 
     return evaluate.load(str(path)).compute(predictions=predictions, references=references)
 
 
+# Logits held at once by log-probability scoring (elements; float32: 512 MiB), a few copies of which are alive at
+# the peak (the model's output, its log-softmax, the loss's upcast). 64 rows of 256 tokens over SmolLM2's 49,152-token
+# vocabulary are 3.2 GB a copy: its evaluation peaked at 12.8 GB, more than a 16 GB laptop spares.
+LOGITS_BUDGET = 2**27
+
+
+def _budgeted_batches(lengths: list[int], batch_size: int, vocab_size: int) -> list[slice]:
+    """Consecutive batches of at most `batch_size` rows whose padded logits fit LOGITS_BUDGET (one row at least)."""
+    batches, first, width = [], 0, 0
+    for index, length in enumerate(lengths):
+        wider = max(width, length)
+        rows = index - first + 1
+        if index > first and (rows > batch_size or rows * wider * vocab_size > LOGITS_BUDGET):
+            batches.append(slice(first, index))
+            first, wider = index, length
+        width = wider
+    if lengths:
+        batches.append(slice(first, len(lengths)))
+    return batches
+
+
 def _completion_logprobs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: list[tuple[list[int], int]], batch_size: int
 ) -> list[float]:
@@ -78,8 +99,9 @@ def _completion_logprobs(
 
     totals: list[float] = []
     model.eval()
-    for first in range(0, len(sequences), batch_size):
-        batch = sequences[first : first + batch_size]
+    lengths = [len(ids) for ids, _ in sequences]
+    for rows in _budgeted_batches(lengths, batch_size, model.config.vocab_size):
+        batch = sequences[rows]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
@@ -123,8 +145,8 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows:
     total_nll, total_tokens = 0.0, 0
     model.eval()
     rows = list(rows)
-    for first in range(0, len(rows), batch_size):
-        batch = rows[first : first + batch_size]
+    for selected in _budgeted_batches([len(r["input_ids"]) for r in rows], batch_size, model.config.vocab_size):
+        batch = rows[selected]
         width = max(len(r["input_ids"]) for r in batch)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
