@@ -80,12 +80,10 @@ def _budgeted_batches(lengths: list[int], batch_size: int, vocab_size: int) -> l
     """Consecutive batches of at most `batch_size` rows whose padded logits fit LOGITS_BUDGET (one row at least)."""
     batches, first, width = [], 0, 0
     for index, length in enumerate(lengths):
-        wider = max(width, length)
-        rows = index - first + 1
-        if index > first and (rows > batch_size or rows * wider * vocab_size > LOGITS_BUDGET):
+        width, rows = max(width, length), index - first + 1
+        if index > first and (rows > batch_size or rows * width * vocab_size > LOGITS_BUDGET):
             batches.append(slice(first, index))
-            first, wider = index, length
-        width = wider
+            first, width = index, length
     if lengths:
         batches.append(slice(first, len(lengths)))
     return batches
